@@ -1,0 +1,124 @@
+"""A `vllm serve` process on 127.0.0.1, owned by whoever started it: the demo, tests, benchmarks.
+
+The server is started through `vispec-vllm serve` (so it works on both vLLM builds), waited for
+on `/health` within a bounded time, and stopped by its own PID (SIGTERM to its process group,
+then SIGKILL), so nothing it spawned outlives it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 120.0) -> tuple[int, dict]:
+    """POST `payload` (or GET when None); returns (status, decoded body), 4xx/5xx included."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except json.JSONDecodeError:
+            return err.code, {"raw": body.decode(errors="replace")}
+
+
+class VLLMServer:
+    """`with VLLMServer(target, [...extra serve args]) as server: server.chat(...)`."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        serve_args: list[str] | None = None,
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout_s: float = 240.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.model = str(model)
+        self.serve_args = list(serve_args or [])
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout_s = startup_timeout_s
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        self.env.update(env or {})
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> VLLMServer:
+        cmd = [sys.executable, "-m", "vispec_vllm.cli", "serve", self.model, "--host", "127.0.0.1",
+               "--port", str(self.port), *self.serve_args]
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        # Own process group: stop() reaches the engine-core and worker children too.
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.process.returncode} during start-up"
+                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+            try:
+                if http_json(self.base_url + "/health", timeout=2)[0] == 200:
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vLLM server not healthy after {self.startup_timeout_s:.0f} s")
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        try:  # children that ignored SIGTERM
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def chat(self, content: list[dict] | str, max_tokens: int = 32, **fields) -> tuple[int, dict]:
+        payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                   "max_tokens": max_tokens, "temperature": 0.0, **fields}
+        return http_json(self.base_url + "/v1/chat/completions", payload)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as resp:
+            return resp.read().decode()
