@@ -41,6 +41,8 @@ def make_llm(model: str | Path, **overrides):
         seed=0,
         distributed_executor_backend="uni",
         limit_mm_per_prompt={"image": 2},
+        # Small blocks, so that short tiny-model prompts fill whole blocks and hit the prefix cache.
+        block_size=32,
     )
     kwargs.update(overrides)
     return LLM(**kwargs)
@@ -52,3 +54,44 @@ def shutdown_llm(llm) -> None:
         engine_core.shutdown()
     del llm
     gc.collect()
+
+
+def image_part(colour: str = "red", shape: str = "ellipse") -> dict:
+    return {"type": "image_pil", "image_pil": make_image(colour, shape)}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def mixed_conversations() -> list[list[dict]]:
+    """Image+text prompts, a text-only prompt and a prompt with two images."""
+    describe = text_part("Describe the image in detail. Say which shapes you see, their colours, sizes and "
+                         "positions, and count the objects on the left and on the right.")
+    return [
+        [{"role": "user", "content": [image_part("red"), describe]}],
+        [{"role": "user", "content": [image_part("blue", "rectangle"), describe]}],
+        [{"role": "user", "content": "Count the objects."}],
+        [{"role": "user", "content": [image_part("purple"), text_part("What is left?"),
+                                      image_part("orange", "rectangle"), text_part("And right?")]}],
+        [{"role": "user", "content": [image_part("green"), describe]}],
+    ]
+
+
+def greedy(max_tokens: int = 24):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def chat_tokens(llm, conversations, max_tokens: int = 24) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in llm.chat(conversations, greedy(max_tokens))]
+
+
+def engine_metrics(llm) -> dict:
+    return {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+
+
+def model_runner_of(llm):
+    """The in-process model runner (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor)."""
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner

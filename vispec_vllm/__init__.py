@@ -12,7 +12,7 @@ import logging
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
 
-logger = logging.getLogger("vispec_vllm")
+logger = logging.getLogger("vllm.vispec_vllm")
 
 # Set once `register()` has run in this process; tests read it to prove the entry point fired.
 registered_in_process = False
@@ -51,5 +51,8 @@ def register() -> None:
     except UnsupportedVLLMVersion as err:
         logger.error("%s", err)
         return
+    from vispec_vllm.registration import register_with_vllm
+
+    register_with_vllm()
     registered_in_process = True
     logger.info("vispec-vllm plugin loaded (vLLM %s)", SUPPORTED_VLLM_VERSION)

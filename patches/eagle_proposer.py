@@ -1,0 +1,38 @@
+"""Patch: build a `ViSpecProposer` where vLLM builds an `EagleProposer` for a ViSpec draft.
+
+vLLM function: `vllm.v1.spec_decode.eagle.EagleProposer.__new__` (vLLM 0.32.0), called from
+`GPUModelRunner.__init__` (inherited by `CPUModelRunner`) for every EAGLE-style method.
+Why: the ViSpec draft needs per-row inputs (compressed image tokens, dropped image rows, the
+global image feature) that vLLM's EAGLE proposer does not produce. Returning the subclass from
+`__new__` keeps every `isinstance(drafter, EagleProposer)` check in the runner true, and Python
+then runs the subclass's `__init__`.
+Guard: only when the draft config names a ViSpec architecture; plain EAGLE is untouched.
+"""
+
+from __future__ import annotations
+
+
+def is_vispec_draft(vllm_config) -> bool:
+    from vispec_vllm.checkpoint import VISPEC_ARCHITECTURES
+
+    spec = getattr(vllm_config, "speculative_config", None)
+    draft = getattr(spec, "draft_model_config", None)
+    architectures = getattr(draft, "architectures", None) or []
+    return any(arch in VISPEC_ARCHITECTURES.values() for arch in architectures)
+
+
+def apply() -> None:
+    from vllm.v1.spec_decode.eagle import EagleProposer
+
+    if getattr(EagleProposer.__new__, "_vispec_patched", False):
+        return
+
+    def __new__(cls, vllm_config, *args, **kwargs):
+        if cls is EagleProposer and is_vispec_draft(vllm_config):
+            from vispec_vllm.proposer import ViSpecProposer
+
+            cls = ViSpecProposer
+        return object.__new__(cls)
+
+    __new__._vispec_patched = True
+    EagleProposer.__new__ = __new__

@@ -1,0 +1,257 @@
+"""The ViSpec draft as a vLLM model: one EAGLE-style decoder layer, a vision adaptor and `img_fc`.
+
+Row i of the draft's input pairs the target's final-norm hidden state h_i with the embedding of
+the next token x_{i+1}:
+
+    text row        z_i = fc([embed(x_{i+1}) ; img_fc([h_i ; g])])   g: global image feature
+    compressed row  z_i = A[r]                                        adaptor output, bypasses fc
+    dropped row     an image row other than the last num_q-1: its key is hidden from every query
+
+Layer 0 has no input_layernorm, there is no final norm, and logits come from the target's lm_head
+(shared by vLLM's EAGLE loader). Positions are the raw 1-D token index for every target family.
+
+Dropped image rows are removed from attention exactly with a key-mask channel (see
+`ViSpecAttention`): the draft's attention runs with one extra head channel in which every query
+holds 1 and a dropped row's key holds -KEY_MASK_VALUE. The mask is thereby stored in the paged KV
+cache itself, so it holds for later chunks, decode steps and prefix-cache hits on every attention
+backend, CPU included, while draft slots stay equal to target positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsEagle
+from vllm.model_executor.models.llama import LlamaMLP
+from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
+from vllm.platforms import current_platform
+
+logger = init_logger(__name__)
+
+# Score penalty before scaling: times head_dim**-0.5 (>= 1/16 for head_dim <= 256) it is >= 625,
+# far past exp underflow in fp32, and it is exactly representable in fp16 and bf16 KV caches.
+KEY_MASK_VALUE = 1.0e4
+# Head sizes vLLM's CPU attention backend supports (v1/attention/backends/cpu_attn.py).
+_CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def masked_head_size(head_dim: int) -> int:
+    """Smallest head size the attention backend takes that leaves room for the key-mask channel."""
+    if current_platform.is_cpu():
+        return next(size for size in _CPU_ATTENTION_HEAD_SIZES if size > head_dim)
+    return head_dim + 8  # FlashAttention and friends take multiples of 8
+
+
+@dataclass
+class ViSpecRowInputs:
+    """What the proposer tells the draft about each input row of one forward pass.
+
+    global_image_feature: [rows, H], g fused into every row through img_fc (zeros: no image yet)
+    compressed_tokens:    [rows, H], adaptor outputs placed at compressed rows (else unused)
+    is_compressed_row:    [rows] bool, rows whose layer input is the compressed token
+    is_dropped_row:       [rows] bool, image rows removed from every later query's attention
+    """
+
+    global_image_feature: torch.Tensor
+    compressed_tokens: torch.Tensor | None = None
+    is_compressed_row: torch.Tensor | None = None
+    is_dropped_row: torch.Tensor | None = None
+
+
+class ViSpecVisionAdaptor(nn.Module):
+    """`num_q` learned queries cross-attending (no mask) over one image's target input embeddings.
+
+    Output rows 0..num_q-2 are the compressed image tokens; row num_q-1 is the global image feature.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_q: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.q = nn.Parameter(torch.empty(num_q, num_heads, head_dim))
+        self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        num_tokens = image_embeds.shape[0]
+        keys = self.k_proj(image_embeds).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)
+        values = self.v_proj(image_embeds).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)
+        queries = self.q.transpose(0, 1).to(keys.dtype)
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=False)
+        return self.o_proj(out.transpose(0, 1).reshape(self.q.shape[0], -1))
+
+
+class ViSpecAttention(nn.Module):
+    """Multi-head attention whose keys carry a mask channel (see the module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.padded_head_dim = masked_head_size(self.head_dim)
+        qkv_bias = bool(getattr(config, "qkv_bias", False))
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_heads,
+                                          bias=qkv_bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False,
+                                        prefix=f"{prefix}.o_proj")
+        self.num_local_heads = self.qkv_proj.num_heads
+        self.q_size = self.num_local_heads * self.head_dim
+        rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
+        rope_parameters.setdefault("rope_type", "default")
+        rope_parameters.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
+                                   rope_parameters=rope_parameters, is_neox_style=True)
+        self.attn = Attention(self.num_local_heads, self.padded_head_dim, self.head_dim**-0.5,
+                              num_kv_heads=self.num_local_heads, cache_config=vllm_config.cache_config,
+                              prefix=f"{prefix}.attn")
+
+    def _pad(self, x: torch.Tensor, mask_channel: torch.Tensor | None) -> torch.Tensor:
+        rows = x.shape[0]
+        padded = x.new_zeros(rows, self.num_local_heads, self.padded_head_dim)
+        padded[..., : self.head_dim] = x.view(rows, self.num_local_heads, self.head_dim)
+        if mask_channel is not None:
+            padded[..., self.head_dim] = mask_channel.to(x.dtype).unsqueeze(-1)
+        return padded.view(rows, -1)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                is_dropped_row: torch.Tensor | None) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.q_size, self.q_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        rows = q.shape[0]
+        query_channel = q.new_ones(rows)
+        key_channel = (q.new_zeros(rows) if is_dropped_row is None
+                       else is_dropped_row.to(q.dtype) * -KEY_MASK_VALUE)
+        out = self.attn(self._pad(q, query_channel), self._pad(k, key_channel), self._pad(v, None))
+        out = out.view(rows, self.num_local_heads, self.padded_head_dim)[..., : self.head_dim]
+        output, _ = self.o_proj(out.reshape(rows, -1))
+        return output
+
+
+class ViSpecDecoderLayer(nn.Module):
+    """ViSpec's layer 0: attention -> residual -> post_attention_layernorm -> SwiGLU -> residual.
+    No input_layernorm (EAGLE's first layer skips it)."""
+
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str) -> None:
+        super().__init__()
+        self.self_attn = ViSpecAttention(vllm_config, config, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, prefix=f"{prefix}.mlp")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                is_dropped_row: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(positions, hidden_states, is_dropped_row)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class ViSpecDraftBody(nn.Module):
+    """embed_tokens, fc, img_fc and layer 0: the names under `model.` in vLLM's EAGLE layout."""
+
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, start_layer_id: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        bias = bool(getattr(config, "bias", True))
+        dtype = vllm_config.model_config.dtype
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, prefix=f"{prefix}.embed_tokens")
+        self.fc = ReplicatedLinear(2 * hidden, hidden, bias=bias, params_dtype=dtype, return_bias=False,
+                                   prefix=f"{prefix}.fc")
+        self.img_fc = ReplicatedLinear(2 * hidden, hidden, bias=bias, params_dtype=dtype, return_bias=False,
+                                       prefix=f"{prefix}.img_fc")
+        # The attention prefix must not collide with the target's layer names.
+        self.layers = nn.ModuleList(
+            [ViSpecDecoderLayer(vllm_config, config, prefix=f"{prefix}.layers.{start_layer_id}")])
+
+
+class ViSpecDraftModel(nn.Module, SupportsEagle):
+    """A published ViSpec draft, served by vLLM's EAGLE machinery with `ViSpecProposer` feeding it."""
+
+    # The adaptor consumes the target's image embeddings itself (the proposer hands them over);
+    # vLLM's merged draft input embeddings are not needed.
+    supports_multimodal_embeddings = False
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        self.config = config = vllm_config.speculative_config.draft_model_config.hf_config
+        self.hidden_size = config.hidden_size
+        num_heads = config.num_attention_heads
+        target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        self.model = ViSpecDraftBody(vllm_config, config, maybe_prefix(prefix, "model"), target_layers)
+        self.imadpt = ViSpecVisionAdaptor(config.hidden_size, num_heads, config.hidden_size // num_heads,
+                                          config.vispec_num_q, bool(getattr(config, "qkv_bias", False)))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        # Set by the proposer before each forward; None (dummy/profile runs) means no image anywhere.
+        self.row_inputs: ViSpecRowInputs | None = None
+
+    @property
+    def num_q(self) -> int:
+        return self.imadpt.q.shape[0]
+
+    def compress_image(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(compressed tokens [num_q-1, H], global image feature [H]) for one image."""
+        adapted = self.imadpt(image_embeds.to(self.imadpt.q.dtype))
+        return adapted[:-1], adapted[-1]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        rows = inputs_embeds.shape[0]
+        row_inputs = self.row_inputs
+        if row_inputs is None:
+            global_image_feature = hidden_states.new_zeros(rows, self.hidden_size)
+        else:
+            global_image_feature = row_inputs.global_image_feature[:rows]
+        fused_hidden = self.model.img_fc(torch.cat((hidden_states, global_image_feature), dim=-1))
+        layer_input = self.model.fc(torch.cat((inputs_embeds, fused_hidden), dim=-1))
+        is_dropped_row = None
+        if row_inputs is not None and row_inputs.is_compressed_row is not None:
+            layer_input = torch.where(row_inputs.is_compressed_row[:rows, None],
+                                      row_inputs.compressed_tokens[:rows].to(layer_input.dtype), layer_input)
+            is_dropped_row = row_inputs.is_dropped_row[:rows]
+        out = self.model.layers[0](positions, layer_input, is_dropped_row)
+        return out, out
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Published names -> module names; q/k/v and gate/up are stacked as in vLLM's Llama."""
+        stacked = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
+                   (".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if not name.startswith("imadpt."):
+                name = "model." + name
+            process_eagle_weight(self, name)
+            for fused, part, shard in stacked:
+                if part in name and not name.startswith("imadpt."):
+                    fused_name = name.replace(part, fused)
+                    params[fused_name].weight_loader(params[fused_name], tensor, shard)
+                    loaded.add(fused_name)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(name)
+        if not self.has_own_embed_tokens:
+            # vLLM's EAGLE loader then shares the target's input embedding with the draft.
+            logger.warning("ViSpec draft checkpoint has no embed_tokens; using the target's input embedding")
+            loaded.add("model.embed_tokens.weight")
+        return loaded

@@ -1,0 +1,19 @@
+"""What the plugin does in every vLLM process: register the draft architectures, apply patches."""
+
+from __future__ import annotations
+
+from vispec_vllm.checkpoint import VISPEC_ARCHITECTURES
+
+
+def register_with_vllm() -> None:
+    from vllm import ModelRegistry
+
+    from vispec_vllm.patches import eagle_proposer, model_runner_choice, speculative_config
+
+    for architecture in VISPEC_ARCHITECTURES.values():
+        if architecture not in ModelRegistry.get_supported_archs():
+            # Llama- and Qwen2-family drafts differ only in config values (qkv bias, RoPE theta).
+            ModelRegistry.register_model(architecture, "vispec_vllm.draft_model:ViSpecDraftModel")
+    speculative_config.apply()
+    eagle_proposer.apply()
+    model_runner_choice.apply()
