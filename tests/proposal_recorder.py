@@ -49,3 +49,14 @@ class ProposalRecorder:
 
     def __exit__(self, *exc) -> None:
         del self.drafter.propose
+
+
+def record_proposals(llm, conversation: list[dict], max_tokens: int = 24) -> tuple[ProposalRecorder, list[int]]:
+    """Generate greedily for one conversation; returns the recorder and prompt+output token ids."""
+    from conftest import greedy, model_runner_of
+
+    drafter = model_runner_of(llm).drafter
+    llm.reset_prefix_cache()  # the recorder needs every prompt row computed in this run
+    with ProposalRecorder(drafter) as recorder:
+        out = llm.chat([conversation], greedy(max_tokens))[0]
+    return recorder, list(out.prompt_token_ids) + list(out.outputs[0].token_ids)

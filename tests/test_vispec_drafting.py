@@ -22,9 +22,8 @@ from conftest import (
     shutdown_llm,
     text_part,
 )
-from proposal_recorder import ProposalRecorder
-from safetensors.torch import load_file
-from vispec_reference import ReferenceViSpecDraft
+from proposal_recorder import record_proposals as record
+from vispec_reference import ReferenceViSpecDraft, target_lm_head
 
 FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl"]
 NUM_SPECULATIVE_TOKENS = 3
@@ -83,19 +82,6 @@ def test_lossless_under_scheduling_pressure(family, scheduling):
             assert engine_metrics(llm)["vllm:num_preemptions"] > 0
     finally:
         shutdown_llm(llm)
-
-
-def target_lm_head(target_dir) -> torch.Tensor:
-    weights = load_file(target_dir / "model.safetensors")
-    return next(v for k, v in weights.items() if k.endswith("lm_head.weight"))
-
-
-def record(llm, conversation, max_tokens: int = 24) -> tuple[ProposalRecorder, list[int]]:
-    drafter = model_runner_of(llm).drafter
-    llm.reset_prefix_cache()  # the recorder needs every prompt row computed in this run
-    with ProposalRecorder(drafter) as recorder:
-        out = llm.chat([conversation], __import__("conftest").greedy(max_tokens))[0]
-    return recorder, list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
 
 
 def test_fidelity_against_independent_reference(family, spec_llm):

@@ -106,3 +106,8 @@ class ReferenceViSpecDraft:
             rows.append(self._text_row(token, out[-1], g))
             positions.append(last_row + 1 + step)
         return proposals
+
+
+def target_lm_head(target_dir: Path) -> torch.Tensor:
+    weights = load_file(target_dir / "model.safetensors")
+    return next(v for k, v in weights.items() if k.endswith("lm_head.weight"))

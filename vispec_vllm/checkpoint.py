@@ -74,18 +74,22 @@ class ViSpecCheckpoint:
 
 
 def resolve_local_dir(model: str) -> Path | None:
-    """A local directory, or a hub id already in the local HF cache (never downloads)."""
+    """A local directory, or a hub id: from the local HF cache, else downloaded (as vLLM itself
+    would download the draft) unless the hub is unreachable or HF_HUB_OFFLINE is set."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if model.count("/") != 1:
+    if model.count("/") != 1 or model.startswith((".", "/")):
         return None
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:  # not cached, or not a hub id: not ours to recognise
-        return None
+    for local_files_only in (True, False):
+        try:
+            return Path(snapshot_download(model, local_files_only=local_files_only,
+                                          allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        except Exception:  # not cached / offline / unreachable / not a hub id
+            continue
+    return None
 
 
 def _weight_file(directory: Path) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -11,10 +12,39 @@ from pathlib import Path
 DEFAULT_MODELS_DIR = Path(os.environ.get("VISPEC_VLLM_HOME", Path.home() / ".cache" / "vispec-vllm"))
 
 
+def speculative_config_from_flags(argv: list[str]) -> list[str]:
+    """Turn the familiar `--speculative-model DRAFT [--num-speculative-tokens K]` (gone from vLLM
+    since V0) into vLLM 0.32's `--speculative-config`; every other option passes through."""
+    draft, num_tokens, rest = None, 3, []
+    args = iter(argv)
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag in ("--speculative-model", "--num-speculative-tokens"):
+            value = value or next(args, None)
+            if value is None:
+                sys.exit(f"vispec-vllm serve: {flag} needs a value")
+            if flag == "--speculative-model":
+                draft = value
+            else:
+                num_tokens = int(value)
+        else:
+            rest.append(arg)
+    if draft is None:
+        return rest
+    from vispec_vllm.checkpoint import resolve_local_dir
+
+    if resolve_local_dir(draft) is None:
+        sys.exit(f"vispec-vllm serve: draft '{draft}' is not a local directory, not in the local Hugging Face "
+                 "cache, and could not be downloaded (hub unreachable or HF_HUB_OFFLINE set)")
+    spec = {"model": draft, "num_speculative_tokens": num_tokens}
+    return [*rest, "--speculative-config", json.dumps(spec)]
+
+
 def _serve(argv: list[str]) -> None:
     """Hand over to vLLM's own `vllm serve` in this process, on either vLLM build."""
     from vispec_vllm.patches import cli_version
 
+    argv = speculative_config_from_flags(argv)
     cli_version.apply()
     from vllm.entrypoints.cli.main import main as vllm_main
 
@@ -40,31 +70,52 @@ def ensure_tiny_models(models_dir: Path = DEFAULT_MODELS_DIR / "tiny-models") ->
     return models_dir
 
 
+def mean_acceptance_length(metrics_text: str) -> float | None:
+    """vLLM's own definition: 1 + accepted draft tokens / drafts, from the Prometheus counters."""
+    counters = {}
+    for line in metrics_text.splitlines():
+        for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
+            if line.startswith(name):
+                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    drafts = counters.get("vllm:spec_decode_num_drafts_total", 0.0)
+    if not drafts:
+        return None
+    return 1.0 + counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts
+
+
 def _demo(args: argparse.Namespace) -> None:
     from PIL import Image, ImageDraw
 
     from vispec_vllm.server import VLLMServer, image_data_url
 
-    target = ensure_tiny_models() / "tiny-llava"
-    image = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(image).ellipse((8, 8, 40, 40), fill="red")
+    models = ensure_tiny_models()
+    target, draft = models / "tiny-llava", models / "tiny-llava-vispec"
+    spec = {"model": str(draft), "num_speculative_tokens": args.num_speculative_tokens}
     serve_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-                  "--limit-mm-per-prompt", '{"image": 1}']
+                  "--limit-mm-per-prompt", '{"image": 1}', "--speculative-config", json.dumps(spec)]
     log = DEFAULT_MODELS_DIR / "demo-server.log"
-    print(f"Serving {target} on 127.0.0.1 through vLLM with the vispec-vllm plugin (log: {log}) ...")
+    print(f"Serving {target}\n  with ViSpec draft {draft} (K={args.num_speculative_tokens})\n"
+          f"  on 127.0.0.1 through vLLM with the vispec-vllm plugin (log: {log}) ...")
     t0 = time.monotonic()
     with VLLMServer(target, serve_args, log_path=log) as server:
-        print(f"Server healthy after {time.monotonic() - t0:.1f} s; sending one image+text request.")
-        status, body = server.chat(
-            [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
-             {"type": "text", "text": "Describe the image in detail."}],
-            max_tokens=args.max_tokens,
-        )
-    if status != 200:
-        sys.exit(f"request failed with HTTP {status}: {body}")
-    usage = body["usage"]
-    print(f"Answer ({usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens): "
-          f"{body['choices'][0]['message']['content']!r}")
+        print(f"Server healthy after {time.monotonic() - t0:.1f} s; sending image+text requests.")
+        for colour in ("red", "blue", "green", "orange"):
+            image = Image.new("RGB", (112, 112), "white")
+            ImageDraw.Draw(image).ellipse((8, 8, 80, 80), fill=colour)
+            status, body = server.chat(
+                [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                 {"type": "text", "text": "Describe the image in detail."}],
+                max_tokens=args.max_tokens,
+            )
+            if status != 200:
+                sys.exit(f"request failed with HTTP {status}: {body}")
+            usage = body["usage"]
+            print(f"  {colour} image -> ({usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion "
+                  f"tokens) {body['choices'][0]['message']['content']!r}")
+        acceptance = mean_acceptance_length(server.metrics())
+    print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): "
+          f"{'n/a' if acceptance is None else f'{acceptance:.2f}'}")
+    print("(The tiny draft has random weights, so it is rarely accepted; outputs are the target's own.)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--bin", action="store_true", help="also write pytorch_model.bin")
     demo = sub.add_parser("demo", help="serve the embedded default and answer one image+text request")
     demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--num-speculative-tokens", type=int, default=3)
     args = parser.parse_args(argv)
     {"tiny-models": _tiny_models, "demo": _demo}[args.command](args)
 

@@ -1,0 +1,181 @@
+"""Loading ViSpec drafts: both weight formats, num_q 2 and 5, a draft without embed_tokens, drafts
+that do not fit the target or are malformed (clear start-up errors), and plain EAGLE untouched."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import chat_tokens, make_llm, mixed_conversations, model_runner_of, shutdown_llm, text_part
+from proposal_recorder import record_proposals
+from safetensors.torch import load_file, save_file
+from vispec_reference import ReferenceViSpecDraft, target_lm_head
+
+from vispec_vllm.checkpoint import ViSpecCheckpointError, load_checkpoint_description
+from vispec_vllm.tiny_models import DraftDims, write_vispec_draft
+
+K = 3
+PROMPT = [{"role": "user", "content": [{"type": "image_pil", "image_pil": __import__("conftest").make_image("cyan")},
+                                       text_part("Describe the image in detail.")]}]
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_models):
+    target = tiny_models / "tiny-llava"
+    baseline_llm = make_llm(target)
+    baseline = chat_tokens(baseline_llm, mixed_conversations())
+    shutdown_llm(baseline_llm)
+    return target, tiny_models / "tiny-llava-vispec", baseline
+
+
+def spec_run(target, draft, baseline, **spec_fields):
+    """Build a ViSpec engine, check losslessness, return (proposal steps, sequence, draft module)."""
+    llm = make_llm(target, speculative_config={"model": str(draft), "num_speculative_tokens": K, **spec_fields})
+    try:
+        assert chat_tokens(llm, mixed_conversations()) == baseline
+        recorder, sequence = record_proposals(llm, PROMPT)
+        drafter = model_runner_of(llm).drafter
+        return recorder, sequence, drafter
+    finally:
+        shutdown_llm(llm)
+
+
+def copy_draft(src, dst, transform=None, fmt: str = "safetensors"):
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    weights = load_file(src / "model.safetensors")
+    if transform:
+        weights = transform(weights)
+    if fmt == "safetensors":
+        save_file(weights, dst / "model.safetensors")
+    else:
+        torch.save(weights, dst / "pytorch_model.bin")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def safetensors_run(llava):
+    target, draft, baseline = llava
+    recorder, sequence, _ = spec_run(target, draft, baseline)
+    return recorder, sequence
+
+
+def test_bin_checkpoint_drafts_like_safetensors(llava, safetensors_run, tmp_path):
+    target, draft, baseline = llava
+    bin_draft = copy_draft(draft, tmp_path / "bin-draft", fmt="bin")
+    recorder, sequence, drafter = spec_run(target, bin_draft, baseline)
+    assert type(drafter).__name__ == "ViSpecProposer"
+    assert [s.proposals for s in recorder.steps] == [s.proposals for s in safetensors_run[0].steps]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_missing_embed_tokens_falls_back_to_target_with_warning(llava, safetensors_run, tmp_path):
+    target, draft, baseline = llava
+    no_embed = copy_draft(draft, tmp_path / "no-embed",
+                          transform=lambda w: {k: v for k, v in w.items() if k != "embed_tokens.weight"})
+    warnings = _Collect()
+    logging.getLogger("vllm").addHandler(warnings)  # vLLM's loggers do not propagate to the root
+    try:
+        recorder, _, drafter = spec_run(target, no_embed, baseline)
+    finally:
+        logging.getLogger("vllm").removeHandler(warnings)
+    assert any("no embed_tokens" in m and "target's input embedding" in m for m in warnings.messages)
+    # The published embed_tokens is a copy of the target's, so drafts are unchanged.
+    assert [s.proposals for s in recorder.steps] == [s.proposals for s in safetensors_run[0].steps]
+
+
+def test_num_q_5_matches_reference(llava, tmp_path):
+    target, draft, baseline = llava
+    embed = load_file(draft / "model.safetensors")["embed_tokens.weight"]
+    q5 = tmp_path / "q5"
+    write_vispec_draft(q5, DraftDims(128, 4, 32, 256, 512, False), "llava", embed, seed=7, num_q=5)
+    assert load_checkpoint_description(str(q5)).num_q == 5
+    recorder, sequence, _ = spec_run(target, q5, baseline)
+    reference = ReferenceViSpecDraft(q5, target_lm_head(target))
+    images = sorted(recorder.images.values(), key=lambda image: image[0])
+    for step in recorder.steps:
+        assert step.proposals == reference.propose(sequence[: step.last_row + 2], recorder.target_hidden, images,
+                                                   step.last_row, K)
+
+
+def test_plain_eagle_checkpoint_still_runs_as_eagle(llava, tmp_path):
+    target, draft, baseline = llava
+    eagle_names = ("embed_tokens.", "layers.0.", "fc.weight")
+    eagle = copy_draft(draft, tmp_path / "plain-eagle",
+                       transform=lambda w: {k: v for k, v in w.items() if k.startswith(eagle_names)})
+    llm = make_llm(target, speculative_config={"method": "eagle", "model": str(eagle), "num_speculative_tokens": K})
+    try:
+        assert type(model_runner_of(llm).drafter).__name__ == "EagleProposer"
+        assert type(model_runner_of(llm).drafter.model).__name__ == "EagleLlamaForCausalLM"
+        assert chat_tokens(llm, mixed_conversations()) == baseline
+    finally:
+        shutdown_llm(llm)
+
+
+@pytest.mark.parametrize("dims, family, message", [
+    (DraftDims(64, 2, 32, 128, 512, False), "llava",
+     r"draft hidden size 64 does not match the target's hidden size 128"),
+    (DraftDims(128, 4, 32, 256, 1000, False), "llava",
+     r"draft vocab size 1000 does not match the target's vocab size 512"),
+    (DraftDims(128, 4, 32, 256, 512, True), "qwen2_5_vl", r"a qwen2 ViSpec draft cannot serve a llama target"),
+], ids=["hidden-size", "vocab", "family"])
+def test_draft_that_does_not_fit_the_target_fails_at_startup(llava, tmp_path, dims, family, message):
+    target, _, _ = llava
+    draft = tmp_path / "mismatch"
+    write_vispec_draft(draft, dims, family, torch.zeros(dims.vocab_size, dims.hidden_size), seed=1)
+    with pytest.raises(Exception, match=message) as info:
+        make_llm(target, speculative_config={"model": str(draft), "num_speculative_tokens": K})
+    assert str(draft / "model.safetensors") in str(info.value)
+
+
+def _malformed(kind: str):
+    def transform(weights):
+        weights = dict(weights)
+        if kind == "missing":
+            del weights["img_fc.bias"]
+        elif kind == "extra":
+            weights["layers.0.input_layernorm.weight"] = torch.ones(128)
+        elif kind == "num-q":
+            weights["imadpt.q"] = torch.zeros(3, 4, 32)
+            weights["imadpt.k_proj.weight"] = torch.zeros(96, 128)  # adaptor heads disagree with imadpt.q
+        return weights
+    return transform
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", r"missing weights: img_fc\.bias"),
+    ("extra", r"unexpected weights: layers\.0\.input_layernorm\.weight"),
+    ("num-q", r"wrong shapes: imadpt\.k_proj\.weight \[96, 128\] \(expected \[128, 128\]\)"),
+    ("truncated", r"unreadable safetensors file"),
+])
+def test_malformed_checkpoint_fails_at_startup_naming_file_and_problem(llava, tmp_path, kind, message):
+    target, draft, _ = llava
+    bad = copy_draft(draft, tmp_path / kind, transform=None if kind == "truncated" else _malformed(kind))
+    if kind == "truncated":
+        data = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match=message) as info:
+        make_llm(target, speculative_config={"model": str(bad), "num_speculative_tokens": K})
+    assert str(bad / "model.safetensors") in str(info.value)
+
+
+def test_checkpoint_description_reads_num_q_from_weights(tiny_models):
+    for name, family in (("tiny-llava-vispec", "llama"), ("tiny-qwen2_5_vl-vispec", "qwen2")):
+        checkpoint = load_checkpoint_description(str(tiny_models / name))
+        assert (checkpoint.num_q, checkpoint.family) == (2, family)
+        assert checkpoint.qkv_bias == (family == "qwen2")
+    config = json.loads((tiny_models / "tiny-llava-vispec" / "config.json").read_text())
+    assert "num_q" not in config  # published configs do not carry it
+    with pytest.raises(ViSpecCheckpointError, match="not a local directory"):
+        load_checkpoint_description("/nonexistent/ViSpec-draft")
