@@ -12,39 +12,11 @@ from pathlib import Path
 DEFAULT_MODELS_DIR = Path(os.environ.get("VISPEC_VLLM_HOME", Path.home() / ".cache" / "vispec-vllm"))
 
 
-def speculative_config_from_flags(argv: list[str]) -> list[str]:
-    """Turn the familiar `--speculative-model DRAFT [--num-speculative-tokens K]` (gone from vLLM
-    since V0) into vLLM 0.32's `--speculative-config`; every other option passes through."""
-    draft, num_tokens, rest = None, 3, []
-    args = iter(argv)
-    for arg in args:
-        flag, _, value = arg.partition("=")
-        if flag in ("--speculative-model", "--num-speculative-tokens"):
-            value = value or next(args, None)
-            if value is None:
-                sys.exit(f"vispec-vllm serve: {flag} needs a value")
-            if flag == "--speculative-model":
-                draft = value
-            else:
-                num_tokens = int(value)
-        else:
-            rest.append(arg)
-    if draft is None:
-        return rest
-    from vispec_vllm.checkpoint import resolve_local_dir
-
-    if resolve_local_dir(draft) is None:
-        sys.exit(f"vispec-vllm serve: draft '{draft}' is not a local directory, not in the local Hugging Face "
-                 "cache, and could not be downloaded (hub unreachable or HF_HUB_OFFLINE set)")
-    spec = {"model": draft, "num_speculative_tokens": num_tokens}
-    return [*rest, "--speculative-config", json.dumps(spec)]
-
-
 def _serve(argv: list[str]) -> None:
-    """Hand over to vLLM's own `vllm serve` in this process, on either vLLM build."""
+    """Hand over to vLLM's own `vllm serve` in this process, on either vLLM build.
+    `--speculative-model` / `--num-speculative-tokens` come from the plugin (patches/serve_flags.py)."""
     from vispec_vllm.patches import cli_version
 
-    argv = speculative_config_from_flags(argv)
     cli_version.apply()
     from vllm.entrypoints.cli.main import main as vllm_main
 

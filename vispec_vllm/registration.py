@@ -8,7 +8,13 @@ from vispec_vllm.checkpoint import VISPEC_ARCHITECTURES
 def register_with_vllm() -> None:
     from vllm import ModelRegistry
 
-    from vispec_vllm.patches import eagle_proposer, model_runner_choice, speculative_config
+    from vispec_vllm.patches import (
+        eagle_proposer,
+        image_limits,
+        model_runner_choice,
+        serve_flags,
+        speculative_config,
+    )
 
     for architecture in VISPEC_ARCHITECTURES.values():
         if architecture not in ModelRegistry.get_supported_archs():
@@ -17,3 +23,5 @@ def register_with_vllm() -> None:
     speculative_config.apply()
     eagle_proposer.apply()
     model_runner_choice.apply()
+    serve_flags.apply()
+    image_limits.apply()

@@ -73,13 +73,21 @@ class VLLMServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> VLLMServer:
+        return self.launch().wait_until_healthy()
+
+    def launch(self) -> VLLMServer:
+        """Start the process without waiting (several servers can then start side by side)."""
         cmd = [sys.executable, "-m", "vispec_vllm.cli", "serve", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), *self.serve_args]
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         # Own process group: stop() reaches the engine-core and worker children too.
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout_s
+        self._launched_at = time.monotonic()
+        return self
+
+    def wait_until_healthy(self) -> VLLMServer:
+        deadline = self._launched_at + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"vLLM server exited with {self.process.returncode} during start-up"
@@ -118,6 +126,28 @@ class VLLMServer:
         payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
                    "max_tokens": max_tokens, "temperature": 0.0, **fields}
         return http_json(self.base_url + "/v1/chat/completions", payload)
+
+    def chat_stream(self, content: list[dict] | str, max_tokens: int = 32, **fields) -> tuple[int, str]:
+        """Streamed chat completion: (HTTP status, concatenated content or the error body)."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                   "max_tokens": max_tokens, "temperature": 0.0, "stream": True, **fields}
+        req = urllib.request.Request(self.base_url + "/v1/chat/completions", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                text = []
+                for raw in resp:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    if "error" in chunk:
+                        return 500, json.dumps(chunk["error"])
+                    for choice in chunk.get("choices", []):
+                        text.append(choice.get("delta", {}).get("content") or "")
+                return resp.status, "".join(text)
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(errors="replace")
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as resp:

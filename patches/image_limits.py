@@ -1,0 +1,29 @@
+"""Patch: an image past PIL's decompression-bomb limit is a bad request (HTTP 400), not a 500.
+
+vLLM function: `vllm.multimodal.media.image.ImageMediaIO.load_bytes` (vLLM 0.32.0) turns PIL's
+`OSError` / `UnidentifiedImageError` into `ValueError` (which the OpenAI server answers with 400),
+but not `PIL.Image.DecompressionBombError`, raised by `Image.open` for images over twice
+`Image.MAX_IMAGE_PIXELS`; such a request got "500 Internal Server Error". The wrapper gives it the
+same `ValueError` path, with a message naming the size and the limit. Applied in every process
+the plugin loads in (it concerns serving, with or without speculation).
+"""
+
+from __future__ import annotations
+
+
+def apply() -> None:
+    from PIL import Image
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    original = ImageMediaIO.load_bytes
+    if getattr(original, "_vispec_patched", False):
+        return
+
+    def load_bytes(self, data: bytes):
+        try:
+            return original(self, data)
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"Image too large: {err}") from err
+
+    load_bytes._vispec_patched = True
+    ImageMediaIO.load_bytes = load_bytes
