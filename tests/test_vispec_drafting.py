@@ -69,21 +69,6 @@ def test_lossless_with_prefix_cache_hits(family, spec_llm):
     assert metrics["vllm:spec_decode_num_draft_tokens"] > 0
 
 
-@pytest.mark.parametrize("scheduling", [
-    pytest.param({"max_num_batched_tokens": 48}, id="chunked-prefill"),
-    pytest.param({"num_gpu_blocks_override": 12, "max_model_len": 320}, id="preemption"),
-])
-def test_lossless_under_scheduling_pressure(family, scheduling):
-    _, target, draft, baseline = family
-    llm = make_llm(target, speculative_config=vispec_config(draft), disable_log_stats=False, **scheduling)
-    try:
-        assert chat_tokens(llm, mixed_conversations()) == baseline
-        if "num_gpu_blocks_override" in scheduling:
-            assert engine_metrics(llm)["vllm:num_preemptions"] > 0
-    finally:
-        shutdown_llm(llm)
-
-
 def test_fidelity_against_independent_reference(family, spec_llm):
     _, target, draft, _ = family
     recorder, sequence = record(spec_llm, TWO_IMAGE_PROMPT)
@@ -120,3 +105,20 @@ def test_zeroed_adaptor_changes_proposals_not_outputs(spec_llm):
         drafter.state.images.clear()
     assert zeroed_sequence == sequence  # outputs are the target's alone
     assert [s.proposals for s in zeroed.steps] != [s.proposals for s in before.steps]
+
+
+@pytest.mark.parametrize("scheduling", [
+    pytest.param({"max_num_batched_tokens": 48}, id="chunked-prefill"),
+    pytest.param({"num_gpu_blocks_override": 12, "max_model_len": 320}, id="preemption"),
+])
+def test_lossless_under_scheduling_pressure(family, scheduling):
+    # Last in the module: building and shutting down a second in-process engine tears down
+    # vLLM's process-wide parallel state, which `spec_llm` needs while it is in use.
+    _, target, draft, baseline = family
+    llm = make_llm(target, speculative_config=vispec_config(draft), disable_log_stats=False, **scheduling)
+    try:
+        assert chat_tokens(llm, mixed_conversations()) == baseline
+        if "num_gpu_blocks_override" in scheduling:
+            assert engine_metrics(llm)["vllm:num_preemptions"] > 0
+    finally:
+        shutdown_llm(llm)

@@ -9,7 +9,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import chat_tokens, make_llm, mixed_conversations, model_runner_of, shutdown_llm, text_part
+from conftest import (
+    chat_tokens,
+    greedy,
+    make_image,
+    make_llm,
+    mixed_conversations,
+    model_runner_of,
+    shutdown_llm,
+    text_part,
+)
 from proposal_recorder import record_proposals
 from safetensors.torch import load_file, save_file
 from vispec_reference import ReferenceViSpecDraft, target_lm_head
@@ -18,7 +27,7 @@ from vispec_vllm.checkpoint import ViSpecCheckpointError, load_checkpoint_descri
 from vispec_vllm.tiny_models import DraftDims, write_vispec_draft
 
 K = 3
-PROMPT = [{"role": "user", "content": [{"type": "image_pil", "image_pil": __import__("conftest").make_image("cyan")},
+PROMPT = [{"role": "user", "content": [{"type": "image_pil", "image_pil": make_image("cyan")},
                                        text_part("Describe the image in detail.")]}]
 
 
@@ -179,3 +188,16 @@ def test_checkpoint_description_reads_num_q_from_weights(tiny_models):
     assert "num_q" not in config  # published configs do not carry it
     with pytest.raises(ViSpecCheckpointError, match="not a local directory"):
         load_checkpoint_description("/nonexistent/ViSpec-draft")
+
+
+def test_prompt_longer_than_the_draft_supports_skips_speculation(llava):
+    target, draft, baseline = llava
+    # A draft limited to 48 positions: vLLM skips drafting while a sequence is longer; no error.
+    llm = make_llm(target, speculative_config={"model": str(draft), "num_speculative_tokens": K,
+                                               "max_model_len": 48}, disable_log_stats=False)
+    try:
+        outputs = llm.chat(mixed_conversations(), greedy())
+        assert max(len(o.prompt_token_ids) for o in outputs) > 48
+        assert [list(o.outputs[0].token_ids) for o in outputs] == baseline
+    finally:
+        shutdown_llm(llm)
