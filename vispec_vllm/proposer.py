@@ -19,6 +19,8 @@ them), and per running request the g its decode rows fuse, freed when the reques
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -31,6 +33,8 @@ from vispec_vllm.draft_model import ViSpecDraftModel, ViSpecRowInputs
 logger = logging.getLogger("vllm.vispec_vllm")
 
 IMAGE_MODALITIES = ("image", "video")  # ViSpec treats a video's tokens as one image run
+# How often the proposer logs the size of its state (operators watch it for leaks).
+STATE_LOG_INTERVAL_S = float(os.environ.get("VISPEC_VLLM_STATE_LOG_INTERVAL_S", "60"))
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ class ViSpecProposerState:
         for req_id in [r for r in self.decode_global_image_feature if r not in running_req_ids]:
             del self.decode_global_image_feature[req_id]
 
+    def summary(self) -> str:
+        return (f"ViSpec proposer state: {len(self.decode_global_image_feature)} requests with image state, "
+                f"{len(self.images)} cached images (capacity {self.capacity})")
+
 
 def image_spans(mm_features) -> list[ImageSpan]:
     spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, f.identifier)
@@ -100,6 +108,7 @@ class ViSpecProposer(EagleProposer):
         self.state = ViSpecProposerState(capacity=max(4096, max_images))
         self._missing_image_warned = False
         self._step_attn_metadata = None
+        self._state_logged_at = time.monotonic()
         # g of each request's decode rows, for the chain steps of the current propose().
         self._decode_rows_g = torch.zeros(self.max_batch_size, self.hidden_size, dtype=self.dtype, device=device)
 
@@ -182,6 +191,9 @@ class ViSpecProposer(EagleProposer):
 
         req_ids = self.runner.input_batch.req_ids[:batch_size]
         self.state.forget_finished(self.runner.requests)
+        if time.monotonic() - self._state_logged_at >= STATE_LOG_INTERVAL_S:
+            logger.info("%s", self.state.summary())
+            self._state_logged_at = time.monotonic()
         for i, req_id in enumerate(req_ids):
             request = self.runner.requests.get(req_id)
             spans = image_spans(request.mm_features) if request is not None else []

@@ -149,6 +149,24 @@ class VLLMServer:
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode(errors="replace")
 
+    def abandon_stream(self, content: list[dict] | str, max_tokens: int = 64) -> int:
+        """Start a streamed chat completion and disconnect after its first chunk (a client that
+        goes away mid-stream). Returns the HTTP status seen before disconnecting."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                   "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+        req = urllib.request.Request(self.base_url + "/v1/chat/completions", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            resp.readline()
+            return resp.status
+
+    def process_tree_rss_bytes(self) -> int:
+        """Resident memory of the server and every process it started (engine core, workers)."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
     def metrics(self) -> str:
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as resp:
             return resp.read().decode()
