@@ -9,6 +9,7 @@ drafts with target hidden states), and, for the duration of the original call, e
 draft config's hf_overrides (built by `SpeculativeConfig.compose_draft_hf_overrides`) so that
 the draft config names the registered ViSpec architecture and carries `vispec_num_q`, `qkv_bias`
 and `bias`. It then validates the checkpoint against the target, before any KV memory is taken.
+The draft runs eager (`enforce_eager`): its per-row image inputs are set outside its forward.
 Guard: nothing changes unless `model` resolves to a checkpoint with ViSpec weights and the method
 is unset, "eagle" or "draft_model".
 """
@@ -58,6 +59,9 @@ def apply() -> None:
             return original_post_init(self)
         checkpoint = load_checkpoint_description(self.model)
         self.method = "eagle"
+        # The proposer hands the draft per-row image inputs outside its forward; a captured
+        # (CUDA-graph) draft forward would replay stale ones. Eager drafting on GPU, as on CPU.
+        self.enforce_eager = True
         draft_fields = {"vispec_num_q": checkpoint.num_q, "qkv_bias": checkpoint.qkv_bias,
                         "bias": checkpoint.has_bias}
         compose = SpeculativeConfig.compose_draft_hf_overrides
