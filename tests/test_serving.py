@@ -109,12 +109,29 @@ def test_concurrent_load_matches_server_without_speculation(servers, plain_outpu
     assert drafts > 0
 
 
-def test_per_request_speculative_metrics(servers):
+def counter_values(metrics_text: str, name: str) -> dict[str, float]:
+    values = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            values[labels[len(name):]] = float(value)
+    return values
+
+
+def test_per_request_and_per_prompt_kind_speculative_metrics(servers):
     _, vispec = servers
+    before = vispec.metrics()
     status, body = vispec.chat([image_url("red"), {"type": "text", "text": "Describe."}], max_tokens=MAX_TOKENS)
     assert status == 200
     spec = body["metrics"]["speculative_decoding"]
-    assert spec["mean_acceptance_length"] >= 1.0
+    assert spec["mean_acceptance_length"] >= 1.0 and spec["num_spec_steps"] > 0
+    status, text_body = vispec.chat("Count the objects.", max_tokens=MAX_TOKENS)
+    assert status == 200
+    after = vispec.metrics()
+    drafts = "vispec:spec_decode_num_drafts_total"
+    gained = {k: v - counter_values(before, drafts).get(k, 0.0) for k, v in counter_values(after, drafts).items()}
+    assert gained['{prompt="image"}'] == spec["num_spec_steps"]
+    assert gained['{prompt="text"}'] == text_body["metrics"]["speculative_decoding"]["num_spec_steps"]
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))

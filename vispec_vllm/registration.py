@@ -12,6 +12,7 @@ def register_with_vllm() -> None:
         eagle_proposer,
         image_limits,
         model_runner_choice,
+        request_kind_metrics,
         serve_flags,
         speculative_config,
     )
@@ -25,3 +26,4 @@ def register_with_vllm() -> None:
     model_runner_choice.apply()
     serve_flags.apply()
     image_limits.apply()
+    request_kind_metrics.apply()
