@@ -90,6 +90,22 @@ def _demo(args: argparse.Namespace) -> None:
     print("(The tiny draft has random weights, so it is rarely accepted; outputs are the target's own.)")
 
 
+def _train(args: argparse.Namespace) -> None:
+    if args.stage == "data":
+        from vispec_vllm.train_data import generate_training_data, scene_prompts
+
+        out = generate_training_data(args.target, args.out, scene_prompts(args.seed), args.num_samples,
+                                     max_tokens=args.max_tokens, shard_size=args.shard_size)
+        print(f"training records: {out}")
+        return
+    from vispec_vllm.train import TrainConfig, train_draft
+
+    cfg = TrainConfig(stage=1 if args.stage == "stage1" else 2, epochs=args.epochs, lr=args.lr, num_q=args.num_q,
+                      mtp_steps=args.mtp_steps, seed=args.seed)
+    losses = train_draft(args.target, args.data, args.out, cfg, init_dir=args.init)
+    print(f"{args.stage}: epoch losses {', '.join(f'{x:.4f}' for x in losses)}; checkpoint in {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # `serve` passes every option through to vLLM untouched, so it bypasses argparse.
@@ -107,8 +123,25 @@ def main(argv: list[str] | None = None) -> None:
     demo = sub.add_parser("demo", help="serve the embedded default and answer one image+text request")
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.add_argument("--num-speculative-tokens", type=int, default=3)
+    train = sub.add_parser("train", help="generate draft training data, or train a draft (stage 1 or 2)",
+                           description="data: the target answers scene prompts and the records are written; "
+                           "stage1: plain EAGLE-style draft; stage2: ViSpec draft (from --init stage 1). "
+                           "Several processes: torchrun --nproc_per_node N -m vispec_vllm.cli train ...")
+    train.add_argument("stage", choices=["data", "stage1", "stage2"])
+    train.add_argument("--target", type=Path, required=True, help="target model directory")
+    train.add_argument("--out", type=Path, required=True, help="records (data) or checkpoint directory")
+    train.add_argument("--data", type=Path, help="records directory (stage1, stage2)")
+    train.add_argument("--init", type=Path, help="stage-1 checkpoint to start stage 2 from")
+    train.add_argument("--num-samples", type=int, default=1000)
+    train.add_argument("--max-tokens", type=int, default=256)
+    train.add_argument("--shard-size", type=int, default=64)
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--lr", type=float, default=3e-6, help="published default 3e-6; tiny models train at ~1e-3")
+    train.add_argument("--num-q", type=int, default=2)
+    train.add_argument("--mtp-steps", type=int, default=1)
+    train.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    {"tiny-models": _tiny_models, "demo": _demo}[args.command](args)
+    {"tiny-models": _tiny_models, "demo": _demo, "train": _train}[args.command](args)
 
 
 if __name__ == "__main__":
