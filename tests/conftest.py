@@ -78,14 +78,14 @@ def mixed_conversations() -> list[list[dict]]:
     ]
 
 
-def greedy(max_tokens: int = 24):
+def greedy(max_tokens: int = 24, ignore_eos: bool = True):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos)
 
 
-def chat_tokens(llm, conversations, max_tokens: int = 24) -> list[list[int]]:
-    return [list(o.outputs[0].token_ids) for o in llm.chat(conversations, greedy(max_tokens))]
+def chat_tokens(llm, conversations, max_tokens: int = 24, ignore_eos: bool = True) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in llm.chat(conversations, greedy(max_tokens, ignore_eos))]
 
 
 def engine_metrics(llm) -> dict:

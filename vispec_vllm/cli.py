@@ -31,17 +31,6 @@ def _tiny_models(args: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
-def ensure_tiny_models(models_dir: Path = DEFAULT_MODELS_DIR / "tiny-models") -> Path:
-    """Write the tiny models once; later calls reuse them."""
-    from vispec_vllm.tiny_models import write_tiny_models
-
-    done = models_dir / ".complete"
-    if not done.exists():
-        write_tiny_models(models_dir)
-        done.write_text("seed=0 num_q=2\n")
-    return models_dir
-
-
 def mean_acceptance_length(metrics_text: str) -> float | None:
     """vLLM's own definition: 1 + accepted draft tokens / drafts, from the Prometheus counters."""
     counters = {}
@@ -55,39 +44,50 @@ def mean_acceptance_length(metrics_text: str) -> float | None:
     return 1.0 + counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from PIL import Image, ImageDraw
+def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[float, list[str]]:
+    """Send prompts one at a time (concurrency 1); returns (output tokens per second, answers)."""
+    answers, tokens, started = [], 0, time.monotonic()
+    for content in prompts:
+        status, body = server.chat(content, max_tokens=max_tokens)
+        if status != 200:
+            sys.exit(f"request failed with HTTP {status}: {body}")
+        tokens += body["usage"]["completion_tokens"]
+        answers.append(body["choices"][0]["message"]["content"])
+    return tokens / (time.monotonic() - started), answers
 
+
+def _demo(args: argparse.Namespace) -> None:
+    from vispec_vllm.demo_models import DEMO_DRAFTS, DEMO_TARGET
+    from vispec_vllm.scenes import DESCRIBE_PROMPT, HELD_OUT_START, make_scene
     from vispec_vllm.server import VLLMServer, image_data_url
 
-    models = ensure_tiny_models()
-    target, draft = models / "tiny-llava", models / "tiny-llava-vispec"
+    target, draft = DEMO_TARGET, DEMO_DRAFTS["vispec"]
+    scenes = [make_scene(HELD_OUT_START + i) for i in range(args.num_requests)]
+    prompts = [[{"type": "image_url", "image_url": {"url": image_data_url(scene.image)}},
+                {"type": "text", "text": DESCRIBE_PROMPT}] for scene in scenes]
+    common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--limit-mm-per-prompt",
+              '{"image": 1}']
     spec = {"model": str(draft), "num_speculative_tokens": args.num_speculative_tokens}
-    serve_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-                  "--limit-mm-per-prompt", '{"image": 1}', "--speculative-config", json.dumps(spec)]
-    log = DEFAULT_MODELS_DIR / "demo-server.log"
-    print(f"Serving {target}\n  with ViSpec draft {draft} (K={args.num_speculative_tokens})\n"
-          f"  on 127.0.0.1 through vLLM with the vispec-vllm plugin (log: {log}) ...")
-    t0 = time.monotonic()
-    with VLLMServer(target, serve_args, log_path=log) as server:
-        print(f"Server healthy after {time.monotonic() - t0:.1f} s; sending image+text requests.")
-        for colour in ("red", "blue", "green", "orange"):
-            image = Image.new("RGB", (112, 112), "white")
-            ImageDraw.Draw(image).ellipse((8, 8, 80, 80), fill=colour)
-            status, body = server.chat(
-                [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
-                 {"type": "text", "text": "Describe the image in detail."}],
-                max_tokens=args.max_tokens,
-            )
-            if status != 200:
-                sys.exit(f"request failed with HTTP {status}: {body}")
-            usage = body["usage"]
-            print(f"  {colour} image -> ({usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion "
-                  f"tokens) {body['choices'][0]['message']['content']!r}")
-        acceptance = mean_acceptance_length(server.metrics())
-    print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): "
-          f"{'n/a' if acceptance is None else f'{acceptance:.2f}'}")
-    print("(The tiny draft has random weights, so it is rarely accepted; outputs are the target's own.)")
+    DEFAULT_MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    print(f"Demo pair: target {target.name} (trained on synthetic scenes), ViSpec draft {draft.name}, "
+          f"K={args.num_speculative_tokens}; {args.num_requests} held-out scenes, one request at a time.")
+    results = {}
+    for mode, extra in (("no speculation", []), ("ViSpec", ["--speculative-config", json.dumps(spec)])):
+        log = DEFAULT_MODELS_DIR / f"demo-server-{'vispec' if extra else 'plain'}.log"
+        print(f"Starting vLLM on 127.0.0.1 with the vispec-vllm plugin, {mode} (log: {log}) ...", flush=True)
+        with VLLMServer(target, common + extra, log_path=log) as server:
+            _run_requests(server, prompts[:1], args.max_tokens)  # warm-up
+            tok_s, answers = _run_requests(server, prompts, args.max_tokens)
+            acceptance = mean_acceptance_length(server.metrics()) if extra else None
+        results[mode] = (tok_s, answers, acceptance)
+        print(f"  {mode}: {tok_s:.1f} output tokens/s", flush=True)
+    plain, vispec = results["no speculation"], results["ViSpec"]
+    print(f"\nHeld-out scene {scenes[0].seed}: {vispec[1][0]!r}")
+    print(f"Reference description:   {scenes[0].description!r}")
+    print(f"Outputs identical with and without speculation: {plain[1] == vispec[1]}")
+    print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): {vispec[2]:.2f}")
+    print(f"Speed-up over no speculation on this machine: {vispec[0] / plain[0]:.2f}x "
+          f"({vispec[0]:.1f} vs {plain[0]:.1f} output tokens/s at concurrency 1)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -101,9 +101,16 @@ def _train(args: argparse.Namespace) -> None:
     from vispec_vllm.train import TrainConfig, train_draft
 
     cfg = TrainConfig(stage=1 if args.stage == "stage1" else 2, epochs=args.epochs, lr=args.lr, num_q=args.num_q,
-                      mtp_steps=args.mtp_steps, seed=args.seed)
+                      mtp_steps=args.mtp_steps, zero_adaptor=args.zero_adaptor, seed=args.seed)
     losses = train_draft(args.target, args.data, args.out, cfg, init_dir=args.init)
     print(f"{args.stage}: epoch losses {', '.join(f'{x:.4f}' for x in losses)}; checkpoint in {args.out}")
+
+
+def _build_demo(args: argparse.Namespace) -> None:
+    from vispec_vllm.demo_build import build_demo
+
+    for name, path in build_demo(args.out_dir, args.target_minutes).items():
+        print(f"{name}: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--num-q", type=int, default=2, help="adaptor queries per draft (default 2)")
     tiny.add_argument("--bin", action="store_true", help="also write pytorch_model.bin")
     demo = sub.add_parser("demo", help="serve the embedded default and answer one image+text request")
-    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--max-tokens", type=int, default=128)
+    demo.add_argument("--num-requests", type=int, default=8)
     demo.add_argument("--num-speculative-tokens", type=int, default=3)
     train = sub.add_parser("train", help="generate draft training data, or train a draft (stage 1 or 2)",
                            description="data: the target answers scene prompts and the records are written; "
@@ -139,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--lr", type=float, default=3e-6, help="published default 3e-6; tiny models train at ~1e-3")
     train.add_argument("--num-q", type=int, default=2)
     train.add_argument("--mtp-steps", type=int, default=1)
+    train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
+    build = sub.add_parser("build-demo", help="rebuild the demo target and its three drafts (about 30 min on 2 cores)")
+    build.add_argument("out_dir", type=Path)
+    build.add_argument("--target-minutes", type=float, default=12.0)
     args = parser.parse_args(argv)
-    {"tiny-models": _tiny_models, "demo": _demo, "train": _train}[args.command](args)
+    {"tiny-models": _tiny_models, "demo": _demo, "train": _train, "build-demo": _build_demo}[args.command](args)
 
 
 if __name__ == "__main__":

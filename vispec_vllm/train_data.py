@@ -123,6 +123,8 @@ def generate_training_data(
     if not todo:
         return out_dir
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Without it vLLM CPU claims most of the machine's memory for KV cache; generation needs little.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     llm = LLM(model=str(target_dir), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               distributed_executor_backend="uni", limit_mm_per_prompt={"image": 4}, block_size=32)
     recorder = TargetRecorder(target_dir)

@@ -1,0 +1,128 @@
+"""Mean acceptance length in vLLM for several drafts of one target, K = 1..5, on held-out image
+prompts and on text-only prompts. Writes benchmarks/results/acceptance.json and a PNG plot.
+
+    python benchmarks/acceptance.py                      # the shipped demo pair and its drafts
+    python benchmarks/acceptance.py --target DIR --draft vispec=DIR --draft eagle=DIR [--ks 1 2 3]
+
+Mean acceptance length is vLLM's: 1 + accepted draft tokens / drafts (its Prometheus counters).
+Engines run in-process in float32 (greedy decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+RESULTS = Path(__file__).parent / "results"
+TEXT_PROMPTS = [
+    "Describe a picture with a red circle on the left and a blue square on the right.",
+    "What shapes can appear in these pictures, and in which colours?",
+    "Tell me about a large green triangle above a small yellow star.",
+    "Count three purple circles and one orange square.",
+]
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (vLLM CPU backend)"
+
+
+def counters(llm) -> tuple[float, float]:
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    return metrics.get("vllm:spec_decode_num_drafts") or 0.0, metrics.get("vllm:spec_decode_num_accepted_tokens") or 0.0
+
+
+def measure(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list], max_tokens: int,
+            ) -> dict[str, float]:
+    from vllm import LLM, SamplingParams
+
+    spec = {"model": str(draft), "num_speculative_tokens": k, **({"method": method} if method else {})}
+    llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              distributed_executor_backend="uni", limit_mm_per_prompt={"image": 1}, block_size=32,
+              disable_log_stats=False, speculative_config=spec)
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    result = {}
+    try:
+        for kind, conversations in prompts.items():
+            drafts_before, accepted_before = counters(llm)
+            llm.chat(conversations, sampling, use_tqdm=False)
+            drafts, accepted = counters(llm)
+            drafts, accepted = drafts - drafts_before, accepted - accepted_before
+            result[kind] = 1.0 + accepted / drafts if drafts else 1.0
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return result
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for draft in dict.fromkeys(r["draft"] for r in report["runs"]):
+        for kind, style in (("image", "-o"), ("text", "--s")):
+            rows = sorted((r["k"], r["mean_acceptance_length"]) for r in report["runs"]
+                          if r["draft"] == draft and r["prompts"] == kind)
+            if rows:
+                ax.plot(*zip(*rows, strict=True), style, label=f"{draft}, {kind} prompts")
+    ax.set_xlabel("num_speculative_tokens K")
+    ax.set_ylabel("mean acceptance length (1 + accepted/drafts)")
+    ax.set_title(f"{report['target']}: acceptance in vLLM", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    from vispec_vllm.demo_models import DEMO_DRAFTS, DEMO_TARGET
+    from vispec_vllm.train_data import scene_prompts
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=Path, default=DEMO_TARGET)
+    parser.add_argument("--draft", action="append", default=[],
+                        help="NAME=DIR (NAME 'eagle' is served as plain EAGLE); default: the demo drafts")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=RESULTS / "acceptance.json")
+    args = parser.parse_args()
+
+    drafts = dict(d.split("=", 1) for d in args.draft) if args.draft else {k: str(v) for k, v in DEMO_DRAFTS.items()}
+    held_out = scene_prompts(held_out=True)
+    prompts = {"image": [held_out(i) for i in range(args.num_requests)],
+               "text": [[{"role": "user", "content": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}]
+                        for i in range(args.num_requests)]}
+    report = {"machine": machine_description(), "target": args.target.name, "runs": []}
+    for name, draft in drafts.items():
+        for k in args.ks:
+            measured = measure(args.target, Path(draft), "eagle" if name == "eagle" else None, k, prompts,
+                               args.max_tokens)
+            for kind, value in measured.items():
+                report["runs"].append({"draft": name, "k": k, "prompts": kind, "mean_acceptance_length": value,
+                                       "num_requests": args.num_requests})
+                print(f"{name:18s} K={k} {kind:5s} prompts: mean acceptance length {value:.3f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
