@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--mtp-steps", type=int, default=1)
     train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
-    build = sub.add_parser("build-demo", help="rebuild the demo target and its three drafts (about 30 min on 2 cores)")
+    build = sub.add_parser("build-demo", help="rebuild the demo target and its three drafts (about 20 min on 2 cores)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--target-minutes", type=float, default=12.0)
     args = parser.parse_args(argv)
