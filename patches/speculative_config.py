@@ -10,6 +10,8 @@ draft config's hf_overrides (built by `SpeculativeConfig.compose_draft_hf_overri
 the draft config names the registered ViSpec architecture and carries `vispec_num_q`, `qkv_bias`
 and `bias`. It then validates the checkpoint against the target, before any KV memory is taken.
 The draft runs eager (`enforce_eager`): its per-row image inputs are set outside its forward.
+It also turns on load-adaptive speculation (vLLM's `num_speculative_tokens_per_batch_size`)
+unless the user gave a table or set VISPEC_VLLM_ADAPTIVE=0.
 Guard: nothing changes unless `model` resolves to a checkpoint with ViSpec weights and the method
 is unset, "eagle" or "draft_model".
 """
@@ -18,9 +20,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 logger = logging.getLogger("vllm.vispec_vllm")
 _ROUTABLE_METHODS = (None, "eagle", "draft_model")
+# Load-adaptive speculation (default on for ViSpec; VISPEC_VLLM_ADAPTIVE=0 turns it off, and an
+# explicit num_speculative_tokens_per_batch_size wins): fewer draft tokens as the batch grows,
+# none past 32 running requests, where verification makes the target compute-bound. The
+# crossover points are provisional until benchmarks/ measures them per machine.
+ADAPTIVE_ENV = "VISPEC_VLLM_ADAPTIVE"
+
+
+def adaptive_schedule(num_speculative_tokens: int) -> list[tuple[int, int, int]]:
+    """vLLM's dynamic-SD table: (first batch size, last batch size, draft tokens)."""
+    k = num_speculative_tokens
+    return [(1, 8, k), (9, 16, max(1, k - 1)), (17, 32, 1), (33, 1_000_000, 0)]
 
 
 def _target_family(target_hf_config) -> str | None:
@@ -59,6 +73,9 @@ def apply() -> None:
             return original_post_init(self)
         checkpoint = load_checkpoint_description(self.model)
         self.method = "eagle"
+        adaptive = os.environ.get(ADAPTIVE_ENV, "1") != "0"
+        if adaptive and self.num_speculative_tokens and self.num_speculative_tokens_per_batch_size is None:
+            self.num_speculative_tokens_per_batch_size = adaptive_schedule(self.num_speculative_tokens)
         # The proposer hands the draft per-row image inputs outside its forward; a captured
         # (CUDA-graph) draft forward would replay stale ones. Eager drafting on GPU, as on CPU.
         self.enforce_eager = True

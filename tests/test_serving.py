@@ -76,7 +76,9 @@ def servers(tiny_models, tmp_path_factory):
     plain = VLLMServer(target, COMMON_ARGS, log_path=logs / "plain.log", startup_timeout_s=300)
     vispec = VLLMServer(target, [*COMMON_ARGS, "--speculative-model", str(draft), "--num-speculative-tokens", "3",
                                  "--per-request-spec-decode-metrics", "summary"],
-                        log_path=logs / "vispec.log", startup_timeout_s=300)
+                        log_path=logs / "vispec.log", startup_timeout_s=300,
+                        # Speculate at every load: the test is about drafting under 64 concurrent requests.
+                        env={"VISPEC_VLLM_ADAPTIVE": "0"})
     try:
         plain.launch(), vispec.launch()
         plain.wait_until_healthy(), vispec.wait_until_healthy()
