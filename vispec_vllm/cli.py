@@ -12,15 +12,16 @@ from pathlib import Path
 DEFAULT_MODELS_DIR = Path(os.environ.get("VISPEC_VLLM_HOME", Path.home() / ".cache" / "vispec-vllm"))
 
 
-def _serve(argv: list[str]) -> None:
-    """Hand over to vLLM's own `vllm serve` in this process, on either vLLM build.
-    `--speculative-model` / `--num-speculative-tokens` come from the plugin (patches/serve_flags.py)."""
+def _vllm_cli(argv: list[str]) -> None:
+    """Hand over to vLLM's own CLI (`vllm serve ...`, `vllm bench serve ...`) in this process, on
+    either vLLM build. `--speculative-model` / `--num-speculative-tokens` come from the plugin
+    (patches/serve_flags.py)."""
     from vispec_vllm.patches import cli_version
 
     cli_version.apply()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = ["vllm", "serve", *argv]
+    sys.argv = ["vllm", *argv]
     vllm_main()
 
 
@@ -115,13 +116,14 @@ def _build_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    # `serve` passes every option through to vLLM untouched, so it bypasses argparse.
-    if argv[:1] == ["serve"]:
-        _serve(argv[1:])
+    # `serve` and `bench` pass every option through to vLLM untouched, so they bypass argparse.
+    if argv[:1] in (["serve"], ["bench"]):
+        _vllm_cli(argv)
         return
     parser = argparse.ArgumentParser(prog="vispec-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="vllm serve TARGET [vllm serve options]")
+    sub.add_parser("bench", help="vllm bench ... (e.g. vllm bench serve)")
     tiny = sub.add_parser("tiny-models", help="write tiny offline targets and ViSpec drafts")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
