@@ -5,7 +5,8 @@ prompts and on text-only prompts. Writes benchmarks/results/acceptance.json and 
     python benchmarks/acceptance.py --target DIR --draft vispec=DIR --draft eagle=DIR [--ks 1 2 3]
 
 Mean acceptance length is vLLM's: 1 + accepted draft tokens / drafts (its Prometheus counters).
-Engines run in-process in float32 (greedy decoding).
+Engines run in-process in float32 (greedy decoding), with load-adaptive speculation off so that
+every step drafts K tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Acceptance at a given K: load-adaptive speculation would lower K for the batched requests.
+os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
 
 RESULTS = Path(__file__).parent / "results"
 TEXT_PROMPTS = [

@@ -33,19 +33,21 @@ def one_request(server: VLLMServer, i: int, images: list[str]) -> int:
     return server.chat(content(i, images), max_tokens=4)[0]
 
 
-def soak(server: VLLMServer, images: list[str]) -> tuple[int, int]:
-    """Runs the soak; returns the server tree's RSS after the warm-up and at the end."""
+def soak(server: VLLMServer, images: list[str]) -> list[int]:
+    """Runs the soak; returns the server tree's RSS after the warm-up, half-way and at the end."""
+    checkpoints = [WARM_UP, (WARM_UP + NUM_REQUESTS) // 2, NUM_REQUESTS]
+    rss, statuses, done = [], [], 0
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        statuses = list(pool.map(lambda i: one_request(server, i, images), range(WARM_UP)))
-        time.sleep(2)
-        warm_rss = server.process_tree_rss_bytes()
-        statuses += list(pool.map(lambda i: one_request(server, i, images), range(WARM_UP, NUM_REQUESTS)))
+        for checkpoint in checkpoints:
+            statuses += list(pool.map(lambda i: one_request(server, i, images), range(done, checkpoint)))
+            done = checkpoint
+            time.sleep(2)
+            rss.append(server.process_tree_rss_bytes())
     assert statuses == [200] * NUM_REQUESTS
-    time.sleep(2)
     assert server.chat(content(1, images), max_tokens=4)[0] == 200
     time.sleep(1.5)
     assert server.chat(content(2, images), max_tokens=4)[0] == 200
-    return warm_rss, server.process_tree_rss_bytes()
+    return rss
 
 
 def test_soak_with_abandoned_streams_keeps_memory_and_state_flat(tiny_models, tmp_path):
@@ -57,18 +59,21 @@ def test_soak_with_abandoned_streams_keeps_memory_and_state_flat(tiny_models, tm
                    "--num-speculative-tokens", "3"]
     log = tmp_path / "vispec-server.log"
     started = time.monotonic()
-    # vLLM's own engine process grows while its allocators warm up (measured: about +220 MiB over
-    # 1,800 such requests without speculation, flattening); the ViSpec server must not add to it.
+    # vLLM's own engine process grows while its allocators warm up and fragment, with or without
+    # speculation (measured: +120, +65, +40 MiB over successive 600-request stretches without
+    # speculation, and about the same with ViSpec), so "flat" is judged on the second half of the
+    # soak: a leak keeps growing there, allocator warm-up has settled.
     with VLLMServer(tiny_models / "tiny-llava", args, log_path=tmp_path / "plain-server.log",
                     startup_timeout_s=300) as plain:
-        plain_warm, plain_final = soak(plain, images)
+        plain_rss = soak(plain, images)
     with VLLMServer(tiny_models / "tiny-llava", vispec_args, log_path=log, startup_timeout_s=300,
                     env={"VISPEC_VLLM_STATE_LOG_INTERVAL_S": "1"}) as vispec:
-        vispec_warm, vispec_final = soak(vispec, images)
+        vispec_rss = soak(vispec, images)
     assert time.monotonic() - started < 1200
-    plain_growth, vispec_growth = (plain_final - plain_warm) / 2**20, (vispec_final - vispec_warm) / 2**20
-    assert vispec_growth < plain_growth + 96, (
-        f"ViSpec server grew {vispec_growth:.0f} MiB, plain {plain_growth:.0f} MiB")
+    plain_late, vispec_late = (plain_rss[2] - plain_rss[1]) / 2**20, (vispec_rss[2] - vispec_rss[1]) / 2**20
+    assert vispec_late < plain_late + 64, (
+        f"second half of the soak: ViSpec server grew {vispec_late:.0f} MiB, plain {plain_late:.0f} MiB; "
+        f"RSS MiB plain {[r >> 20 for r in plain_rss]}, ViSpec {[r >> 20 for r in vispec_rss]}")
     states = [tuple(map(int, m.groups())) for m in STATE_LINE.finditer(log.read_text())]
     assert len(states) >= 3, "the proposer logged its state"
     # Abandoned requests leave nothing behind: never more image states than requests can run.
