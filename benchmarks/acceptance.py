@@ -71,6 +71,14 @@ def measure(target: Path, draft: Path, method: str | None, k: int, prompts: dict
     return result
 
 
+def write_report(report: dict, out: Path, plot_report) -> None:
+    """The JSON at `out` and, beside it, the plot as PNG."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -121,10 +129,7 @@ def main() -> None:
                 report["runs"].append({"draft": name, "k": k, "prompts": kind, "mean_acceptance_length": value,
                                        "num_requests": args.num_requests})
                 print(f"{name:18s} K={k} {kind:5s} prompts: mean acceptance length {value:.3f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

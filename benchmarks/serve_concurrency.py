@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from acceptance import RESULTS, machine_description  # noqa: E402
+from acceptance import RESULTS, machine_description, write_report  # noqa: E402
 
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "64",
                "--limit-mm-per-prompt", '{"image": 1}', "--mm-processor-cache-gb", "0"]
@@ -115,10 +115,7 @@ def main() -> None:
                            "mean_acceptance_length": result.get("spec_decode_acceptance_length")}
                     report["runs"].append(row)
                     print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":
