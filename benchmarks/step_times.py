@@ -1,6 +1,6 @@
 """Step times at real model shapes, in plain PyTorch (bf16 on a GPU): one target decode/verify
-step, one ViSpec draft step (img_fc + fc + decoder layer + LM head + argmax), one plain
-EAGLE-style draft step, and the vision adaptor over one image's tokens, at batch 1..64.
+step, one ViSpec draft step (img_fc + fc + decoder layer + LM head + argmax) captured and eager,
+one plain EAGLE-style draft step, and the vision adaptor over one image's tokens, at batch 1..64.
 
     python benchmarks/step_times.py --out benchmarks/results/step_times_h100.json   # on a GPU
     python benchmarks/step_times.py --targets tiny --device cpu --out /tmp/st.json  # smoke test
@@ -17,7 +17,7 @@ timed over replays with CUDA events; the median is reported.
 
 Writes {"device", "torch", "dtype", "cuda_graphs", "complete", "targets": {...shapes...},
 "measurements": [{"target", "language_model", "part", "batch", "query_tokens", "context", "ms_p50", "ms_p10",
-"ms_p90", "reps"}]}; `part` is target_step | vispec_draft_step | eagle_draft_step | adaptor
+"ms_p90", "reps"}]}; `part` is target_step | vispec_draft_step | eagle_draft_step | vispec_draft_step_eager | adaptor
 (adaptor rows: batch = images, query_tokens = num_q, context = tokens per image).
 """
 
@@ -34,13 +34,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from model_shapes import TARGETS, TINY_TARGET, LanguageModelShape, TargetShape  # noqa: E402
+# The shapes live in the plugin's cost model, which is pure Python (no vLLM needed here).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vispec_vllm.cost_model import TARGETS, TINY_TARGET, LanguageModelShape, TargetShape  # noqa: E402
 
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 QUERY_TOKENS = [1, 2, 4, 6]  # verify K+1 tokens per request: K = 0, 1, 3, 5
 ADAPTOR_IMAGE_TOKENS = [576, 1024, 2880]
 NUM_Q = 2
+PARTS = ("target_step", "vispec_draft_step", "eagle_draft_step", "vispec_draft_step_eager", "adaptor")
 
 
 def random_weight(*shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -150,9 +152,21 @@ class StepModels:
         return step
 
 
-def time_call(step: Callable[[], torch.Tensor], device: str, target_s: float = 0.25) -> dict:
-    """Median time of one call; on CUDA, of one replay of the call captured as a CUDA graph."""
-    if device == "cuda":
+def time_call(step: Callable[[], torch.Tensor], device: str, target_s: float = 0.25, graph: bool = True) -> dict:
+    """Median time of one call; on CUDA, of one replay of the call captured as a CUDA graph
+    (graph=False: of one eager call, launches included, as vLLM runs the ViSpec draft)."""
+    if device == "cuda" and not graph:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    elif device == "cuda":
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -207,6 +221,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), help=f"{list(TARGETS)} or tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=BATCH_SIZES)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop measuring after this long")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -221,10 +236,13 @@ def main() -> None:
     started = time.monotonic()
 
     def record(target: TargetShape, part: str, batch: int, query: int, context: int, step) -> bool:
+        if part not in args.parts:
+            return True
         if time.monotonic() - started > args.budget_s:
             return False
+        timing = time_call(step, args.device, graph=not part.endswith("_eager"))
         row = {"target": target.name, "language_model": target.language_model.name, "part": part, "batch": batch,
-               "query_tokens": query, "context": context, **time_call(step, args.device)}
+               "query_tokens": query, "context": context, **timing}
         report["measurements"].append(row)
         print(json.dumps(row), flush=True)
         return True
@@ -252,6 +270,8 @@ def main() -> None:
                                                 models.draft_step(batch, query, context, vispec=True))
                     within_budget &= record(target, "eagle_draft_step", batch, 1, context,
                                             models.draft_step(batch, 1, context, vispec=False))
+                    within_budget &= record(target, "vispec_draft_step_eager", batch, 1, context,
+                                            models.draft_step(batch, 1, context, vispec=True))
             for images in args.batch_sizes:
                 for image_tokens in ADAPTOR_IMAGE_TOKENS if args.device == "cuda" else [group[0].image_tokens]:
                     within_budget &= record(group[0], "adaptor", images, NUM_Q, image_tokens,

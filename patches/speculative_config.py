@@ -11,7 +11,10 @@ the draft config names the registered ViSpec architecture and carries `vispec_nu
 and `bias`. It then validates the checkpoint against the target, before any KV memory is taken.
 The draft runs eager (`enforce_eager`): its per-row image inputs are set outside its forward.
 It also turns on load-adaptive speculation (vLLM's `num_speculative_tokens_per_batch_size`)
-unless the user gave a table or set VISPEC_VLLM_ADAPTIVE=0.
+unless the user gave a table or set VISPEC_VLLM_ADAPTIVE=0: the table is derived from the cost
+model for the target's shapes on this platform (vispec_vllm/speculation_schedule.py), and the
+draft config is marked `vispec_adaptive_schedule` so that the scheduler keeps it in step with
+the measured acceptance (patches/acceptance_feedback.py).
 Guard: nothing changes unless `model` resolves to a checkpoint with ViSpec weights and the method
 is unset, "eagle" or "draft_model".
 """
@@ -20,23 +23,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 logger = logging.getLogger("vllm.vispec_vllm")
 _ROUTABLE_METHODS = (None, "eagle", "draft_model")
-# Load-adaptive speculation (default on for ViSpec; VISPEC_VLLM_ADAPTIVE=0 turns it off, and an
-# explicit num_speculative_tokens_per_batch_size wins): fewer draft tokens as the batch grows,
-# none past 32 running requests, where verification makes the target compute-bound. The
-# crossover points are provisional until benchmarks/ measures them per machine.
-ADAPTIVE_ENV = "VISPEC_VLLM_ADAPTIVE"
-
-
-def adaptive_schedule(num_speculative_tokens: int) -> list[tuple[int, int, int]]:
-    """vLLM's dynamic-SD table: (first batch size, last batch size, draft tokens)."""
-    k = num_speculative_tokens
-    return [(1, 8, k), (9, 16, max(1, k - 1)), (17, 32, 1), (33, 1_000_000, 0)]
-
-
 def _target_family(target_hf_config) -> str | None:
     model_type = getattr(target_hf_config, "model_type", "")
     if model_type.startswith("qwen"):
@@ -71,16 +60,17 @@ def apply() -> None:
 
         if self.method not in _ROUTABLE_METHODS or not looks_like_vispec(self.model):
             return original_post_init(self)
+        from vispec_vllm.speculation_schedule import AdaptiveSchedule, adaptive_enabled, describe
+
         checkpoint = load_checkpoint_description(self.model)
         self.method = "eagle"
-        adaptive = os.environ.get(ADAPTIVE_ENV, "1") != "0"
-        if adaptive and self.num_speculative_tokens and self.num_speculative_tokens_per_batch_size is None:
-            self.num_speculative_tokens_per_batch_size = adaptive_schedule(self.num_speculative_tokens)
+        adaptive = (adaptive_enabled() and bool(self.num_speculative_tokens)
+                    and self.num_speculative_tokens_per_batch_size is None)
         # The proposer hands the draft per-row image inputs outside its forward; a captured
         # (CUDA-graph) draft forward would replay stale ones. Eager drafting on GPU, as on CPU.
         self.enforce_eager = True
         draft_fields = {"vispec_num_q": checkpoint.num_q, "qkv_bias": checkpoint.qkv_bias,
-                        "bias": checkpoint.has_bias}
+                        "bias": checkpoint.has_bias, "vispec_adaptive_schedule": adaptive}
         compose = SpeculativeConfig.compose_draft_hf_overrides
 
         def compose_for_vispec(target_hf_overrides):
@@ -97,6 +87,11 @@ def apply() -> None:
         target_text_config = target.hf_config.get_text_config()
         validate_against_target(checkpoint, target_text_config.hidden_size, target_text_config.vocab_size,
                                 _target_family(target.hf_config))
+        if adaptive:
+            self.num_speculative_tokens_per_batch_size = AdaptiveSchedule.for_target(
+                self.num_speculative_tokens, target_text_config, target.max_model_len).initial()
+            logger.info("vispec-vllm: load-adaptive speculation (VISPEC_VLLM_ADAPTIVE=0 turns it off), draft tokens "
+                        "per running batch size: %s", describe(self.num_speculative_tokens_per_batch_size))
         logger.info("vispec-vllm: %s is a ViSpec draft (num_q=%d); drafting with %s",
                     checkpoint.directory, checkpoint.num_q, checkpoint.architecture)
 

@@ -1,23 +1,41 @@
-"""Load-adaptive speculation (default on for ViSpec): draft tokens per step shrink as more
-requests run and stop past 32 (patches/speculative_config.py), outputs unchanged; an environment
-switch turns it off."""
+"""Load-adaptive speculation (default on for ViSpec): the start-up table is the cost model's for
+this target on this platform, draft tokens per step follow it as more requests run, the
+scheduler re-derives it from the acceptance it measures, outputs stay unchanged, and an
+environment switch turns it off.
+
+On this CPU the cost model keeps drafting at every batch size (per-step overhead dominates), so
+the tests give the engine a hardware profile on which processing a token is dear: then the table
+shrinks K with the batch, as it does for a 7B target on a GPU.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 from conftest import chat_tokens, engine_metrics, make_llm, mixed_conversations, shutdown_llm
 
+from vispec_vllm import speculation_schedule
+from vispec_vllm.cost_model import THIS_CPU, AcceptanceCurve
+
 K = 3
 MANY = mixed_conversations() * 8  # 40 requests at once
+COSTLY_TOKENS = replace(THIS_CPU, name="test profile: costly tokens", per_token_overhead_s=0.2e-3)
+ASSUMED_RATE = "0.9"
 
 
-def drafted(llm, conversations) -> tuple[float, float, list[list[int]]]:
+def drafted(llm, conversations) -> tuple[float, float, float, list[list[int]]]:
     before = engine_metrics(llm)
     outputs = chat_tokens(llm, conversations)
     after = engine_metrics(llm)
-    steps = after["vllm:spec_decode_num_drafts"] - before["vllm:spec_decode_num_drafts"]
-    tokens = after["vllm:spec_decode_num_draft_tokens"] - before["vllm:spec_decode_num_draft_tokens"]
-    return steps, tokens, outputs
+    delta = {name: after[name] - before[name] for name in (
+        "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")}
+    return (delta["vllm:spec_decode_num_drafts"], delta["vllm:spec_decode_num_draft_tokens"],
+            delta["vllm:spec_decode_num_accepted_tokens"], outputs)
+
+
+def k_for(schedule, batch: int) -> int:
+    return next(k for first, last, k in schedule if first <= batch <= last)
 
 
 @pytest.fixture(scope="module")
@@ -28,31 +46,83 @@ def baseline(tiny_models) -> list[list[int]]:
     return outputs
 
 
+@pytest.fixture
+def costly_tokens(monkeypatch):
+    # In-process engine: the patches and the scheduler read these in this very process.
+    monkeypatch.setattr(speculation_schedule, "platform_hardware", lambda: COSTLY_TOKENS)
+    monkeypatch.setenv(speculation_schedule.ACCEPTANCE_RATE_ENV, ASSUMED_RATE)
+
+
 def vispec_llm(tiny_models):
     return make_llm(tiny_models / "tiny-llava", max_num_seqs=40, disable_log_stats=False,
                     speculative_config={"model": str(tiny_models / "tiny-llava-vispec"), "num_speculative_tokens": K})
 
 
-def test_draft_tokens_shrink_with_load(tiny_models, baseline):
+def installed_schedule(llm):
+    return llm.llm_engine.vllm_config.speculative_config.num_speculative_tokens_per_batch_size
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_draft_tokens_follow_the_derived_schedule(tiny_models, baseline, costly_tokens, monkeypatch):
+    monkeypatch.setattr(speculation_schedule, "REDERIVE_EVERY", 10**9)  # the start-up table only
     llm = vispec_llm(tiny_models)
     try:
-        steps, tokens, outputs = drafted(llm, MANY)  # 40 running: past 32, no drafting
-        assert (steps, tokens) == (0, 0)
+        schedule = installed_schedule(llm)
+        text_config = llm.llm_engine.vllm_config.model_config.hf_config.get_text_config()
+        expected = speculation_schedule.AdaptiveSchedule.for_target(K, text_config, 1024, 40).derive(
+            AcceptanceCurve.geometric(float(ASSUMED_RATE), max_k=K))
+        assert [tuple(entry) for entry in schedule] == expected
+        assert (k_for(expected, 1), k_for(expected, 12), k_for(expected, 40)) == (3, 1, 0)  # the premise
+
+        _, tokens, _, outputs = drafted(llm, MANY)  # 40 running: no drafting
+        assert tokens == 0
         assert outputs == baseline
-        steps, tokens, _ = drafted(llm, MANY[:12])  # 9..16 running: K-1 tokens per draft
-        assert steps > 0 and tokens == steps * (K - 1)
-        steps, tokens, outputs = drafted(llm, MANY[:1])  # alone: all K
-        assert steps > 0 and tokens == steps * K
+        steps, tokens, _, _ = drafted(llm, MANY[:12])
+        assert steps > 0 and tokens == steps * k_for(expected, 12)
+        steps, tokens, _, outputs = drafted(llm, MANY[:1])  # alone
+        assert steps > 0 and tokens == steps * k_for(expected, 1)
         assert outputs == baseline[:1]
     finally:
         shutdown_llm(llm)
 
 
-def test_adaptive_speculation_can_be_turned_off(tiny_models, baseline, monkeypatch):
+def test_measured_acceptance_reshapes_the_schedule(tiny_models, baseline, costly_tokens, monkeypatch):
+    monkeypatch.setattr(speculation_schedule, "MIN_REDERIVE_INTERVAL_S", 0.0)
+    llm = vispec_llm(tiny_models)
+    try:
+        adaptive = scheduler_of(llm).vispec_adaptive_schedule
+        assert adaptive is not None and adaptive.max_batch == 40
+        start_lookup = list(scheduler_of(llm).dynamic_sd_lookup)
+        drafts = accepted = draft_tokens = 0
+        for _ in range(4):
+            steps, tokens, accepted_tokens, outputs = drafted(llm, MANY[:8])
+            assert outputs == baseline[:8]
+            drafts, draft_tokens, accepted = drafts + steps, draft_tokens + tokens, accepted + accepted_tokens
+        assert drafts >= speculation_schedule.REDERIVE_EVERY
+        # The scheduler counted exactly what vLLM's own counters saw.
+        assert sum(adaptive.drafted) == draft_tokens and sum(adaptive.accepted) == accepted
+        measured = adaptive.measured_acceptance()
+        assert measured(1) == pytest.approx(1 + adaptive.accepted[0] / adaptive.drafted[0])
+        # The scheduler's lookup is the table re-derived from a measured curve, no longer the
+        # start-up one: the random tiny draft is accepted far less than the assumed 0.9.
+        lookup = scheduler_of(llm).dynamic_sd_lookup
+        assert lookup != start_lookup
+        assert adaptive.derived_from(1) < 1 + float(ASSUMED_RATE)
+        assert adaptive.schedule == adaptive.derive(adaptive.derived_from)
+        assert all(lookup[batch] == k_for(adaptive.schedule, batch) for batch in range(1, 41))
+    finally:
+        shutdown_llm(llm)
+
+
+def test_adaptive_speculation_can_be_turned_off(tiny_models, baseline, costly_tokens, monkeypatch):
     monkeypatch.setenv("VISPEC_VLLM_ADAPTIVE", "0")
     llm = vispec_llm(tiny_models)
     try:
-        steps, tokens, outputs = drafted(llm, MANY)
+        assert installed_schedule(llm) is None and scheduler_of(llm).vispec_adaptive_schedule is None
+        steps, tokens, _, outputs = drafted(llm, MANY)
         assert steps > 0 and tokens == steps * K
         assert outputs == baseline
     finally:

@@ -20,14 +20,19 @@ def run(script: str, *args: str) -> None:
 def test_serve_concurrency_benchmark_smoke(tiny_models, tmp_path):
     out = tmp_path / "serve_concurrency.json"
     run("serve_concurrency.py", "--target", str(tiny_models / "tiny-llava"),
-        "--vispec", str(tiny_models / "tiny-llava-vispec"), "--eagle", "", "--concurrency", "2",
-        "--prompts-per-concurrency", "4", "--output-len", "8", "--out", str(out))
+        "--vispec", str(tiny_models / "tiny-llava-vispec"), "--eagle", "", "--runs", "none", "vispec",
+        "--concurrency", "2", "--prompts-per-concurrency", "4", "--output-len", "32", "--repeats", "1",
+        "--out", str(out))
     report = json.loads(out.read_text())
     assert report["target"] == "tiny-llava" and report["machine"]
     assert [(r["mode"], r["concurrency"]) for r in report["runs"]] == [("none", 2), ("vispec", 2)]
     for row in report["runs"]:
         assert row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0 and row["itl_ms_p99"] >= row["itl_ms_p50"]
         assert (row["mean_acceptance_length"] is None) == (row["mode"] == "none")
+        assert (row["mean_draft_tokens"] is None) == (row["mode"] == "none")
+        assert 0 < row["mean_running_requests"] <= 2 and row["engine_steps"] > 0
+        # Every step samples at least one token per running request.
+        assert row["engine_steps"] <= row["output_tokens"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -9,6 +9,7 @@ def register_with_vllm() -> None:
     from vllm import ModelRegistry
 
     from vispec_vllm.patches import (
+        acceptance_feedback,
         eagle_proposer,
         image_limits,
         model_runner_choice,
@@ -27,3 +28,4 @@ def register_with_vllm() -> None:
     serve_flags.apply()
     image_limits.apply()
     request_kind_metrics.apply()
+    acceptance_feedback.apply()

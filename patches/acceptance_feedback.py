@@ -1,0 +1,67 @@
+"""Patch: keep the load-adaptive schedule in step with the draft's measured acceptance.
+
+vLLM functions: `vllm.v1.core.sched.scheduler.Scheduler.__init__` and
+`Scheduler.make_spec_decoding_stats` (vLLM 0.32.0), in the engine-core process. Why: the schedule
+installed at start-up (patches/speculative_config.py) rests on an assumed acceptance rate; the
+scheduler sees every verified draft (make_spec_decoding_stats is called once per request with
+drafts, whether or not stats are logged). This wrapper feeds each one to the scheduler's
+`vispec_adaptive_schedule` (vispec_vllm/speculation_schedule.py) and, when that re-derives the
+table from the measured acceptance curve, swaps the scheduler's dense batch-size -> K lookup.
+On CUDA, vLLM sized its graph captures from the start-up table; a batch whose new K has no
+captured size runs that step without a graph.
+Guard: only schedulers whose draft config carries `vispec_adaptive_schedule` (set by the
+speculative-config patch when it installed its own table; a user's table is left alone).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.vispec_vllm")
+
+
+def apply() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    from vispec_vllm.speculation_schedule import AdaptiveSchedule, describe
+
+    if getattr(Scheduler.__init__, "_vispec_patched", False):
+        return
+    original_init = Scheduler.__init__
+    original_make_spec_decoding_stats = Scheduler.make_spec_decoding_stats
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        original_init(self, vllm_config, *args, **kwargs)
+        self.vispec_adaptive_schedule = None
+        spec = vllm_config.speculative_config
+        draft = spec.draft_model_config if spec is not None else None
+        if (self.dynamic_sd_lookup is not None and draft is not None
+                and getattr(draft.hf_config, "vispec_adaptive_schedule", False)):
+            target = vllm_config.model_config
+            self.vispec_adaptive_schedule = AdaptiveSchedule.for_target(
+                self.num_spec_tokens, target.hf_config.get_text_config(), target.max_model_len,
+                self.scheduler_config.max_num_seqs)
+            self.vispec_adaptive_schedule.initial()
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                 num_invalid_spec_tokens, request_id):
+        adaptive = getattr(self, "vispec_adaptive_schedule", None)
+        if adaptive is not None and num_draft_tokens:
+            schedule = adaptive.record(num_draft_tokens, num_accepted_tokens)
+            if schedule is not None:
+                lookup = build_dynamic_sd_schedule_lookup(schedule, vllm_max_batch_size=len(self.dynamic_sd_lookup) - 1,
+                                                          vllm_num_speculative_tokens=self.num_spec_tokens)
+                if lookup != self.dynamic_sd_lookup:
+                    self.dynamic_sd_lookup = lookup
+                    acceptance = adaptive.derived_from
+                    logger.info("vispec-vllm: measured mean acceptance length %s; draft tokens per running batch "
+                                "size now %s", ", ".join(f"K={k}: {acceptance(k):.2f}"
+                                                         for k in acceptance.mean_acceptance_length_by_k),
+                                describe(schedule))
+        return original_make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                                 num_invalid_spec_tokens, request_id)
+
+    __init__._vispec_patched = True
+    Scheduler.__init__ = __init__
+    Scheduler.make_spec_decoding_stats = make_spec_decoding_stats

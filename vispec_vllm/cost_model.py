@@ -1,0 +1,280 @@
+"""A cost model of chain speculative decoding in vLLM: step times from a roofline plus measured
+overheads, tokens/s with and without speculation at each batch size, and the load-adaptive
+schedule (draft tokens per batch size) that maximises predicted tokens/s.
+
+Pure Python: `benchmarks/step_times.py` imports the model shapes on GPU machines where neither
+vLLM nor torch's CPU build is installed, and the plugin derives its schedule at start-up.
+
+One engine step with K draft tokens (vLLM's EAGLE chain, which ViSpec uses) is
+    step overhead + target forward over K+1 tokens per request
+    + one draft forward over K+1 tokens per request (the verified tokens) + K-1 draft forwards over 1
+and yields a mean acceptance length (accepted drafts + 1) of tokens per request. A forward costs
+    layers x per-layer overhead + max(weight bytes / bandwidth, GEMM FLOPs / FLOP rate)
+                                + max(KV bytes / bandwidth, attention FLOPs / FLOP rate)
+with bandwidth and FLOP rate the spec-sheet numbers times fitted efficiencies
+(benchmarks/cost_model.py fits them; tests/test_cost_model.py checks the constants below against
+the committed measurements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+# --------------------------------------------------------------------------------------------
+# Model shapes
+
+
+@dataclass(frozen=True)
+class LanguageModelShape:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_layers: int
+    vocab_size: int
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def layer_params(self) -> int:
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attention = h * h * 2 + h * kv * 2 + (h + 2 * kv if self.qkv_bias else 0)
+        return attention + 3 * h * self.intermediate_size + 2 * h
+
+    def lm_head_params(self) -> int:
+        return self.hidden_size * self.vocab_size
+
+    def decoder_params(self) -> int:
+        """What one decode step reads: every layer, the final norm and the LM head (the embedding
+        lookup reads one row per token)."""
+        return self.num_layers * self.layer_params() + self.hidden_size + self.lm_head_params()
+
+    def kv_bytes_per_token_per_layer(self, bytes_per_value: int = 2) -> int:
+        return 2 * self.num_key_value_heads * self.head_dim * bytes_per_value
+
+    def draft_layer(self) -> LanguageModelShape:
+        """The ViSpec draft's one decoder layer: plain MHA in every released config, also for Qwen."""
+        return replace(self, name=f"{self.name}-draft", num_key_value_heads=self.num_attention_heads, num_layers=1)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hf_text_config(cls, text_config) -> LanguageModelShape:
+        return cls(
+            name=getattr(text_config, "model_type", "target"),
+            hidden_size=text_config.hidden_size,
+            intermediate_size=text_config.intermediate_size,
+            num_attention_heads=text_config.num_attention_heads,
+            num_key_value_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+            num_layers=text_config.num_hidden_layers,
+            vocab_size=text_config.vocab_size,
+            qkv_bias=getattr(text_config, "model_type", "").startswith("qwen"),
+            tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        )
+
+
+# The language models inside the ViSpec targets (their HF configs, as quoted in
+# ../shared/reference/anchors.md section 5 and vispec-method.md section 2).
+VICUNA_7B = LanguageModelShape("vicuna-7b", 4096, 11008, 32, 32, 32, 32064)
+VICUNA_13B = LanguageModelShape("vicuna-13b", 5120, 13824, 40, 40, 40, 32000)
+QWEN2_5_3B = LanguageModelShape("qwen2.5-3b", 2048, 11008, 16, 2, 36, 151936, qkv_bias=True, tie_word_embeddings=True)
+QWEN2_5_7B = LanguageModelShape("qwen2.5-7b", 3584, 18944, 28, 4, 28, 152064, qkv_bias=True)
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    """A ViSpec target and the request shape used throughout: one image, a short question, an
+    answer of `output_tokens`."""
+
+    name: str
+    language_model: LanguageModelShape
+    image_tokens: int
+    text_tokens: int = 64
+    output_tokens: int = 256
+
+    @property
+    def decode_context(self) -> int:
+        """Context length halfway through the answer."""
+        return self.image_tokens + self.text_tokens + self.output_tokens // 2
+
+
+TARGETS = {
+    target.name: target
+    for target in (
+        TargetShape("llava-1.5-7b", VICUNA_7B, image_tokens=576),
+        TargetShape("llava-1.6-7b", VICUNA_7B, image_tokens=2880),  # AnyRes 2x2 + base, the maximum
+        TargetShape("llava-1.5-13b", VICUNA_13B, image_tokens=576),
+        TargetShape("llava-1.6-13b", VICUNA_13B, image_tokens=2880),
+        TargetShape("qwen2.5-vl-3b", QWEN2_5_3B, image_tokens=1024),  # an 896x896 image, 28x28 px per token
+        TargetShape("qwen2.5-vl-7b", QWEN2_5_7B, image_tokens=1024),
+    )
+}
+
+# For smoke tests of the benchmark scripts on a CPU.
+TINY_TARGET = TargetShape("tiny", LanguageModelShape("tiny", 64, 128, 4, 2, 2, 256), image_tokens=16, output_tokens=32)
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    memory_bandwidth: float  # bytes/s, spec sheet
+    matmul_flops: float  # FLOP/s in the serving dtype, dense, spec sheet
+    bandwidth_efficiency: float  # fitted: the fraction of spec bandwidth a decode forward reaches
+    compute_efficiency: float  # fitted: likewise for FLOPs
+    layer_overhead_s: float  # fitted: per decoder layer per forward (kernel launch gaps, small ops)
+    step_overhead_s: float  # per engine step outside the forwards (scheduler, sampler, input prep)
+    draft_forward_overhead_s: float  # per draft forward (eager, as the ViSpec draft runs: launches, metadata)
+    per_token_overhead_s: float = 0.0  # per token per forward, beyond the roofline (CPU kernels at tiny sizes)
+    per_request_overhead_s: float = 0.0  # per running request per step (sampling, output handling: CPU)
+    bytes_per_param: int = 2
+
+
+# H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16. Efficiencies and per-layer overhead fitted by
+# `python benchmarks/cost_model.py` to benchmarks/results/step_times_h100.json (CUDA graphs, bf16),
+# the eager draft's extra launch cost to step_times_h100_eager.json. The step overhead (vLLM's
+# host work per step: scheduler, sampler, input preparation) is an assumption, not measured:
+# vLLM cannot run on the lent GPU machines.
+H100 = Hardware("H100 SXM", 3.35e12, 989e12, bandwidth_efficiency=0.83, compute_efficiency=0.6,
+                layer_overhead_s=63e-6, step_overhead_s=0.5e-3, draft_forward_overhead_s=26e-6)
+# H200: 4.8 TB/s HBM3e, the same compute. Same efficiencies as the H100: the H200 measurements
+# (step_times_h200.json) check the model rather than tune it.
+H200 = replace(H100, name="H200", memory_bandwidth=4.8e12)
+# This machine (2 cores, vLLM's CPU backend, float32): the demo pair is tiny, so host work per step,
+# per request and per token dominates. Fitted by `python benchmarks/cost_model.py` to
+# benchmarks/results/serve_concurrency.json: step overhead and per-request + per-token cost to the
+# runs without speculation, then the per-token share and the draft-forward overhead to ViSpec at a
+# fixed K. Bandwidth and FLOP rate are rough (they barely matter at these sizes).
+THIS_CPU = Hardware("2-core CPU, vLLM CPU backend", 20e9, 100e9, bandwidth_efficiency=1.0, compute_efficiency=1.0,
+                    layer_overhead_s=0.0, step_overhead_s=3.666e-3, draft_forward_overhead_s=1.277e-3,
+                    per_token_overhead_s=0.0394e-3, per_request_overhead_s=0.3147e-3, bytes_per_param=4)
+HARDWARE = {"H100": H100, "H200": H200, "this-cpu": THIS_CPU}
+
+
+# --------------------------------------------------------------------------------------------
+# Step times and tokens/s
+
+
+def forward_time(hardware: Hardware, shape: LanguageModelShape, batch: int, query_tokens: int, context: int,
+                 extra_params: int = 0) -> float:
+    """Seconds for one forward over `query_tokens` tokens of each of `batch` requests that attend
+    to `context` tokens each. `extra_params` are weights outside the decoder layers (fc, img_fc)."""
+    tokens = batch * query_tokens
+    bandwidth = hardware.memory_bandwidth * hardware.bandwidth_efficiency
+    flops = hardware.matmul_flops * hardware.compute_efficiency
+    params = shape.decoder_params() + extra_params
+    weights = max(params * hardware.bytes_per_param / bandwidth, 2 * params * tokens / flops)
+    kv_bytes = shape.num_layers * batch * context * shape.kv_bytes_per_token_per_layer(hardware.bytes_per_param)
+    attention_flops = shape.num_layers * 4 * tokens * context * shape.num_attention_heads * shape.head_dim
+    attention = max(kv_bytes / bandwidth, attention_flops / flops)
+    return (shape.num_layers * hardware.layer_overhead_s + tokens * hardware.per_token_overhead_s
+            + weights + attention)
+
+
+def target_forward_time(hardware: Hardware, shape: LanguageModelShape, batch: int, query_tokens: int,
+                        context: int) -> float:
+    return forward_time(hardware, shape, batch, query_tokens, context)
+
+
+def draft_forward_time(hardware: Hardware, shape: LanguageModelShape, batch: int, query_tokens: int, context: int,
+                       vispec: bool = True) -> float:
+    """One draft forward: img_fc (ViSpec only) + fc + one MHA decoder layer + the target's LM head.
+    The ViSpec draft keeps the full-length KV layout (dropped image rows are masked), so it
+    attends to the whole context."""
+    h = shape.hidden_size
+    extra = 2 * h * h * (2 if vispec else 1)
+    return forward_time(hardware, shape.draft_layer(), batch, query_tokens, context, extra_params=extra)
+
+
+def step_time(hardware: Hardware, shape: LanguageModelShape, batch: int, num_draft_tokens: int, context: int,
+              vispec: bool = True) -> float:
+    """One engine step: verify K drafts (or decode one token when K = 0) and propose the next K."""
+    k = num_draft_tokens
+    seconds = (hardware.step_overhead_s + batch * hardware.per_request_overhead_s
+               + target_forward_time(hardware, shape, batch, k + 1, context))
+    if k > 0:
+        first = draft_forward_time(hardware, shape, batch, k + 1, context, vispec)
+        rest = draft_forward_time(hardware, shape, batch, 1, context, vispec)
+        seconds += first + (k - 1) * rest + k * hardware.draft_forward_overhead_s
+    return seconds
+
+
+@dataclass(frozen=True)
+class AcceptanceCurve:
+    """Mean acceptance length (accepted drafts + 1 per step) as a function of K, from values
+    measured at K = 1..n. Beyond n each extra draft position adds the last position's gain times
+    the last ratio of consecutive gains (a geometric tail)."""
+
+    mean_acceptance_length_by_k: dict[int, float]
+
+    @classmethod
+    def geometric(cls, acceptance_rate: float, max_k: int = 8) -> AcceptanceCurve:
+        return cls({k: sum(acceptance_rate**i for i in range(k + 1)) for k in range(1, max_k + 1)})
+
+    def __post_init__(self) -> None:
+        measured = sorted(self.mean_acceptance_length_by_k)
+        if measured != list(range(1, len(measured) + 1)):
+            raise ValueError(f"mean acceptance lengths must be given for K = 1..n, got K = {measured}")
+
+    def __call__(self, k: int) -> float:
+        known = {0: 1.0, **self.mean_acceptance_length_by_k}
+        if k in known:
+            return known[k]
+        top = max(known)
+        gain = known[top] - known[top - 1]
+        ratio = gain / (known[top - 1] - known[top - 2]) if top >= 2 else gain
+        value = known[top]
+        for _ in range(k - top):
+            gain *= min(ratio, 1.0)
+            value += gain
+        return value
+
+
+def adaptor_time(hardware: Hardware, shape: LanguageModelShape, images: int, image_tokens: int) -> float:
+    """The vision adaptor over `images` images (prefill only): k/v projections of every image
+    token, cross-attention of 2 learned queries, and o_proj."""
+    h = shape.hidden_size
+    bandwidth = hardware.memory_bandwidth * hardware.bandwidth_efficiency
+    flops = hardware.matmul_flops * hardware.compute_efficiency
+    activations = images * image_tokens * h * 3  # image embeddings in, keys and values out
+    bytes_moved = (3 * h * h + activations) * hardware.bytes_per_param
+    return max(bytes_moved / bandwidth, 2 * 2 * h * h * images * image_tokens / flops)
+
+
+def tokens_per_second(hardware: Hardware, shape: LanguageModelShape, batch: int, num_draft_tokens: int,
+                      acceptance: AcceptanceCurve, context: int, vispec: bool = True) -> float:
+    seconds = step_time(hardware, shape, batch, num_draft_tokens, context, vispec)
+    return batch * acceptance(num_draft_tokens) / seconds
+
+
+def best_num_draft_tokens(hardware: Hardware, shape: LanguageModelShape, batch: int, max_k: int,
+                          acceptance: AcceptanceCurve, context: int) -> int:
+    rates = [tokens_per_second(hardware, shape, batch, k, acceptance, context) for k in range(max_k + 1)]
+    return max(range(max_k + 1), key=lambda k: (rates[k], -k))
+
+
+def derive_schedule(hardware: Hardware, shape: LanguageModelShape, max_k: int, acceptance: AcceptanceCurve,
+                    context: int, max_batch: int = 1024) -> list[tuple[int, int, int]]:
+    """vLLM's dynamic-SD table, (first batch size, last batch size, K), that maximises predicted
+    tokens/s at each batch size. K never grows with the batch: a larger batch only makes the
+    verifier more compute-bound."""
+    schedule: list[tuple[int, int, int]] = []
+    k_cap = max_k
+    for batch in range(1, max_batch + 1):
+        k = min(k_cap, best_num_draft_tokens(hardware, shape, batch, max_k, acceptance, context))
+        k_cap = k
+        if schedule and schedule[-1][2] == k:
+            schedule[-1] = (schedule[-1][0], batch, k)
+        else:
+            schedule.append((batch, batch, k))
+    first, _, k = schedule[-1]
+    schedule[-1] = (first, 1_000_000, k)
+    return schedule
