@@ -16,8 +16,8 @@ project has, and its predictions for real targets on H100 and H200.
    running requests) with the row's measured mean acceptance length.
 3. Predictions of decode tokens/s at batch 1..64 for LLaVA-1.5/1.6 7B/13B and Qwen2.5-VL 3B/7B on
    H100 and H200, without speculation, with ViSpec at K=3 and with the load-adaptive schedule the
-   plugin derives, using the demo pair's measured acceptance curve (benchmarks/results/
-   acceptance.json) unless --mean-acceptance-length is given. Prefill is left out.
+   plugin derives, for two acceptance curves: the demo pair's measured one (benchmarks/results/
+   acceptance.json) and the plugin's start-up assumption. Prefill is left out.
 
 The fitted constants are the ones in vispec_vllm/cost_model.py; `--check` exits non-zero if a
 refit disagrees with them.
@@ -52,6 +52,7 @@ from vispec_vllm.cost_model import (  # noqa: E402
     target_forward_time,
     tokens_per_second,
 )
+from vispec_vllm.speculation_schedule import DEFAULT_ACCEPTANCE_RATE  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -212,7 +213,7 @@ def acceptance_from_report(path: Path, draft: str) -> AcceptanceCurve:
                             if r["draft"] == draft and r["prompts"] == "image"})
 
 
-def gpu_predictions(acceptance: dict[str, AcceptanceCurve]) -> list[dict]:
+def gpu_predictions(acceptance: dict[str, AcceptanceCurve], source: str) -> list[dict]:
     rows = []
     for (target_name, target), hardware in itertools.product(TARGETS.items(), (H100, H200)):
         shape, context = target.language_model, target.decode_context
@@ -220,7 +221,8 @@ def gpu_predictions(acceptance: dict[str, AcceptanceCurve]) -> list[dict]:
         for batch in BATCH_SIZES:
             adaptive_k = next(k for first, last, k in schedule if first <= batch <= last)
             plain = tokens_per_second(hardware, shape, batch, 0, acceptance["vispec"], context)
-            row = {"hardware": hardware.name, "target": target_name, "batch": batch, "none_tok_s": plain}
+            row = {"acceptance": source, "hardware": hardware.name, "target": target_name, "batch": batch,
+                   "none_tok_s": plain}
             for name, k, vispec, curve in (("vispec", PREDICTION_K, True, acceptance["vispec"]),
                                            ("vispec_adaptive", adaptive_k, True, acceptance["vispec"]),
                                            ("eagle", PREDICTION_K, False, acceptance["eagle"])):
@@ -240,9 +242,11 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for hardware, ax in zip(("H100 SXM", "H200"), axes[:2], strict=True):
         for target in TARGETS:
-            rows = [r for r in report["gpu_predictions"] if r["hardware"] == hardware and r["target"] == target]
+            rows = [r for r in report["gpu_predictions"] if r["hardware"] == hardware and r["target"] == target
+                    and r["acceptance"].startswith("demo")]
             ax.plot([r["batch"] for r in rows], [r["vispec_ratio"] for r in rows], "-o", ms=3, label=target)
-        ax.set_title(f"{hardware}: predicted ViSpec (K={PREDICTION_K}) / no speculation", fontsize=9)
+        ax.set_title(f"{hardware}: predicted ViSpec (K={PREDICTION_K}) / no speculation\n"
+                     "(demo pair's acceptance curve)", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.axhline(1.0, color="grey", lw=0.8)
@@ -331,8 +335,11 @@ def main() -> None:
     # 3. Real targets.
     acceptance = {draft: acceptance_from_report(args.results / "acceptance.json", draft)
                   for draft in ("vispec", "eagle")}
-    report["acceptance_source"] = "benchmarks/results/acceptance.json (demo pair, image prompts)"
-    report["gpu_predictions"] = gpu_predictions(acceptance)
+    assumed = AcceptanceCurve.geometric(DEFAULT_ACCEPTANCE_RATE, max_k=PREDICTION_K)
+    report["gpu_predictions"] = (
+        gpu_predictions(acceptance, "demo pair, measured (benchmarks/results/acceptance.json, image prompts)")
+        + gpu_predictions({"vispec": assumed, "eagle": assumed},
+                          f"assumed per-position rate {DEFAULT_ACCEPTANCE_RATE} (the plugin's start-up assumption)"))
     report["derived_schedules_k3"] = {
         f"{hardware.name} / {name}": derive_schedule(hardware, t.language_model, PREDICTION_K, acceptance["vispec"],
                                                      t.decode_context)

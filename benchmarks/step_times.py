@@ -152,20 +152,25 @@ class StepModels:
         return step
 
 
+def cuda_event_times(run: Callable[[], object], reps: int) -> list[float]:
+    """Milliseconds of each of `reps` back-to-back calls, from CUDA events around each."""
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def time_call(step: Callable[[], torch.Tensor], device: str, target_s: float = 0.25, graph: bool = True) -> dict:
     """Median time of one call; on CUDA, of one replay of the call captured as a CUDA graph
     (graph=False: of one eager call, launches included, as vLLM runs the ViSpec draft)."""
     if device == "cuda" and not graph:
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
+        times = cuda_event_times(step, 50)
     elif device == "cuda":
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -185,13 +190,7 @@ def time_call(step: Callable[[], torch.Tensor], device: str, target_s: float = 0
         probe_end.record()
         torch.cuda.synchronize()
         reps = int(min(100, max(10, target_s * 1e3 / max(probe_start.elapsed_time(probe_end), 1e-3))))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            run()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
+        times = cuda_event_times(run, reps)
         del graph
     else:
         step()

@@ -46,3 +46,31 @@ def test_acceptance_report_smoke(tiny_models, tmp_path):
                                                                           ("vispec", 2, "text")}
     assert all(1.0 <= r["mean_acceptance_length"] <= 3.0 and r["num_requests"] == 2 for r in report["runs"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_times_smoke(tmp_path):
+    out = tmp_path / "step_times.json"
+    run("step_times.py", "--targets", "tiny", "--device", "cpu", "--batch-sizes", "1", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["dtype"] == "float32" and not report["cuda_graphs"]
+    parts = {row["part"] for row in report["measurements"]}
+    assert parts == {"target_step", "vispec_draft_step", "eagle_draft_step", "vispec_draft_step_eager", "adaptor"}
+    target_steps = [r for r in report["measurements"] if r["part"] == "target_step"]
+    assert {(r["batch"], r["query_tokens"]) for r in target_steps} == {(b, q) for b in (1, 2) for q in (1, 2, 4, 6)}
+    assert all(0 < r["ms_p10"] <= r["ms_p50"] <= r["ms_p90"] for r in report["measurements"])
+
+
+def test_cost_model_report_against_committed_measurements(tmp_path):
+    # --check: the constants shipped in vispec_vllm/cost_model.py are the refit to the committed results.
+    out = tmp_path / "cost_model.json"
+    run("cost_model.py", "--check", "--out", str(out))
+    report = json.loads(out.read_text())
+    held_out = report["step_times"]["step_times_h200.json"]
+    assert held_out["role"] == "held out" and held_out["summary"]["target_step"]["n"] > 0
+    assert {r["setup"] for r in report["this_machine"]["rows"]} >= {"none", "vispec-fixed"}
+    predictions = report["gpu_predictions"]
+    assert {(r["hardware"], r["target"]) for r in predictions} == {
+        (h, t) for h in ("H100 SXM", "H200") for t in ("llava-1.5-7b", "llava-1.6-7b", "llava-1.5-13b", "llava-1.6-13b",
+                                                      "qwen2.5-vl-3b", "qwen2.5-vl-7b")}
+    assert all(r["none_tok_s"] > 0 and r["vispec_tok_s"] > 0 for r in predictions)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,8 @@
    - eagle:             stage 1 (plain EAGLE-style) for 2x`epochs`,
    - vispec:            stage 1 for `epochs`, then stage 2 (ViSpec) for `epochs`,
    - vispec-no-adaptor: the same stage 2 with the adaptor held at zero (ablation).
-The shipped copies (vispec_vllm/demo_models/) are this command's output, cast to fp16.
+Training writes float32 under OUT_DIR/fp32/; the fp16 copies beside them (OUT_DIR/scene-llava,
+OUT_DIR/scene-llava-<draft>) are what vispec_vllm/demo_models/ ships.
 """
 
 from __future__ import annotations
@@ -28,18 +29,23 @@ def build_demo(out_dir: str | Path, target_minutes: float = 12.0, num_samples: i
     from vispec_vllm.train_data import generate_training_data, scene_prompts
 
     out_dir = Path(out_dir)
-    target = train_demo_target(out_dir / "scene-llava", target_minutes)
-    records = generate_training_data(target, out_dir / "records", scene_prompts(seed=0), num_samples,
+    work = out_dir / "fp32"
+    target = train_demo_target(work / "scene-llava", target_minutes)
+    records = generate_training_data(target, work / "records", scene_prompts(seed=0), num_samples,
                                      max_tokens=DEMO_MAX_TOKENS)
-    start = out_dir / "stage1-start"
+    start = work / "stage1-start"
     train_draft(target, records, start, TrainConfig(stage=1, epochs=epochs, lr=STAGE1_LR))
-    drafts = {name: out_dir / f"scene-llava-{name}" for name in ("eagle", "vispec", "vispec-no-adaptor")}
+    drafts = {name: work / f"scene-llava-{name}" for name in ("eagle", "vispec", "vispec-no-adaptor")}
     train_draft(target, records, drafts["eagle"], TrainConfig(stage=1, epochs=epochs, lr=STAGE1_LR), init_dir=start)
     for name, zero_adaptor in (("vispec", False), ("vispec-no-adaptor", True)):
         train_draft(target, records, drafts[name],
                     TrainConfig(stage=2, epochs=epochs, lr=STAGE2_LR, zero_adaptor=zero_adaptor), init_dir=start)
     shutil.rmtree(start)
-    return {"target": target, **drafts}
+    shipped = {}
+    for name, trained in {"target": target, **drafts}.items():
+        shipped[name] = out_dir / trained.name
+        export_fp16(trained, shipped[name])
+    return shipped
 
 
 def export_fp16(src: Path, dst: Path) -> None:

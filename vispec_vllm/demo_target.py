@@ -43,11 +43,11 @@ from vispec_vllm.scenes import (
 from vispec_vllm.tiny_models import (
     LLAVA_CHAT_TEMPLATE,
     LLAVA_SPECIAL_TOKENS,
-    MAX_POSITIONS,
     _clip_vision_config,
     _llama_text_config,
     _save_target,
     _to_llava_hf_layout,
+    build_bpe_tokenizer,
 )
 
 VOCAB_SIZE = 1024
@@ -73,38 +73,11 @@ _PAIR_PATTERN = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
 
 
 def build_scene_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """Byte-level BPE trained on scene texts, so scene words are mostly single tokens.
-
-    The same recipe as `tiny_models._build_tokenizer` (LLaVA specials, the LLaVA chat template,
-    padding to the full vocabulary), on a corpus of scene texts and the chat template's words.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 32,
-        special_tokens=LLAVA_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    """The tiny models' byte-level BPE recipe (LLaVA specials and chat template) trained on scene
+    texts and the chat template's words, so scene words are mostly single tokens."""
     corpus = [*scene_texts(range(2000)), *(["USER: ASSISTANT:"] * 200)]
-    tok.train_from_iterator(corpus, trainer=trainer)
-    # Pad so every id of the model's vocabulary decodes to something.
-    tok.add_tokens([f"<extra_{i}>" for i in range(vocab_size - tok.get_vocab_size())])
-    assert tok.get_vocab_size() == vocab_size
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        additional_special_tokens=["<image>"],
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        model_max_length=MAX_POSITIONS,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    return build_bpe_tokenizer(corpus, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "llava", vocab_size=vocab_size,
+                               padding_tokens=32)
 
 
 def build_demo_target(seed: int = 0):

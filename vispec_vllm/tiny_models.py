@@ -101,8 +101,10 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _build_tokenizer(special_tokens: list[str], chat_template: str, family: str):
-    """Byte-level BPE trained offline on a few sentences, padded with plain tokens to VOCAB_SIZE."""
+def build_bpe_tokenizer(corpus: list[str], special_tokens: list[str], chat_template: str, family: str,
+                        vocab_size: int = VOCAB_SIZE, padding_tokens: int = 64, model_max_length: int = MAX_POSITIONS):
+    """Byte-level BPE trained offline on `corpus`, leaving at least `padding_tokens` ids that are
+    then filled with plain tokens up to `vocab_size`, so every id of the model decodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,15 +112,14 @@ def _build_tokenizer(special_tokens: list[str], chat_template: str, family: str)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 64,
+        vocab_size=vocab_size - padding_tokens,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_TOKENIZER_CORPUS * 50, trainer=trainer)
-    # Pad so every id of the model's vocabulary decodes to something.
-    tok.add_tokens([f"<extra_{i}>" for i in range(VOCAB_SIZE - tok.get_vocab_size())])
-    assert tok.get_vocab_size() == VOCAB_SIZE
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens([f"<extra_{i}>" for i in range(vocab_size - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == vocab_size
 
     if family == "llava":
         names = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -130,7 +131,7 @@ def _build_tokenizer(special_tokens: list[str], chat_template: str, family: str)
         tokenizer_object=tok,
         additional_special_tokens=extra,
         chat_template=chat_template,
-        model_max_length=MAX_POSITIONS,
+        model_max_length=model_max_length,
         **names,
     )
     return fast
@@ -222,7 +223,7 @@ def build_tiny_llava(out: Path, seed: int, next_variant: bool) -> DraftDims:
     )
 
     generator = _seed_everything(seed)
-    tok = _build_tokenizer(LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "llava")
+    tok = build_bpe_tokenizer(_TOKENIZER_CORPUS * 50, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "llava")
     image_token_id = tok.convert_tokens_to_ids("<image>")
     common = dict(
         text_config=_llama_text_config(tok),
@@ -280,7 +281,7 @@ def build_tiny_qwen2_5_vl(out: Path, seed: int) -> DraftDims:
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     generator = _seed_everything(seed)
-    tok = _build_tokenizer(QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "qwen")
+    tok = build_bpe_tokenizer(_TOKENIZER_CORPUS * 50, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "qwen")
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = TEXT_HIDDEN // TEXT_HEADS
     text_config = dict(
