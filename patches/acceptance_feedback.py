@@ -48,7 +48,12 @@ def apply() -> None:
                                  num_invalid_spec_tokens, request_id):
         adaptive = getattr(self, "vispec_adaptive_schedule", None)
         if adaptive is not None and num_draft_tokens:
-            schedule = adaptive.record(num_draft_tokens, num_accepted_tokens)
+            try:
+                schedule = adaptive.record(num_draft_tokens, num_accepted_tokens)
+            except Exception:
+                # The schedule is an optimisation: a fault in it must not take the engine down.
+                logger.exception("vispec-vllm: acceptance feedback failed; keeping the current schedule")
+                self.vispec_adaptive_schedule = schedule = None
             if schedule is not None:
                 lookup = build_dynamic_sd_schedule_lookup(schedule, vllm_max_batch_size=len(self.dynamic_sd_lookup) - 1,
                                                           vllm_num_speculative_tokens=self.num_spec_tokens)

@@ -40,6 +40,23 @@ def k_for(schedule, batch: int) -> int:
     return next(k for first, last, k in schedule if first <= batch <= last)
 
 
+def test_a_fault_in_the_feedback_keeps_the_engine_running():
+    from types import SimpleNamespace
+
+    from vispec_vllm.patches import acceptance_feedback
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    acceptance_feedback.apply()
+
+    class BrokenSchedule:
+        def record(self, num_draft_tokens, num_accepted_tokens):
+            raise RuntimeError("broken")
+
+    scheduler = SimpleNamespace(vispec_adaptive_schedule=BrokenSchedule(), log_stats=False, num_spec_tokens=K)
+    assert Scheduler.make_spec_decoding_stats(scheduler, None, K, 1, None, "request-0") is None
+    assert scheduler.vispec_adaptive_schedule is None  # feedback off, the step goes on
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_models) -> list[list[int]]:
     llm = make_llm(tiny_models / "tiny-llava", max_num_seqs=40)

@@ -71,6 +71,10 @@ def test_acceptance_curve():
     assert all(0 < later <= earlier for earlier, later in zip(gains, gains[1:], strict=False))
     with pytest.raises(ValueError, match="K = 1..n"):
         AcceptanceCurve({1: 1.9, 3: 3.0})
+    # Nothing accepted (at some or every measured position): no gain beyond.
+    assert AcceptanceCurve({1: 1.0})(3) == 1.0
+    assert AcceptanceCurve({1: 1.5, 2: 1.5})(4) == 1.5
+    assert AcceptanceCurve({1: 1.0, 2: 1.0})(3) == 1.0
 
 
 @pytest.mark.parametrize("hardware", [H100, H200])

@@ -30,7 +30,8 @@ def baseline(held_out_scenes) -> list[list[int]]:
     return outputs
 
 
-def test_vispec_demo_draft_is_lossless_and_accepted(held_out_scenes, baseline):
+def test_vispec_demo_draft_is_lossless_and_accepted(held_out_scenes, baseline, monkeypatch):
+    monkeypatch.setenv("VISPEC_VLLM_ADAPTIVE", "0")  # acceptance at K=3 on every step
     llm = make_llm(DEMO_TARGET, limit_mm_per_prompt={"image": 1}, disable_log_stats=False,
                    speculative_config={"model": str(DEMO_DRAFTS["vispec"]), "num_speculative_tokens": 3})
     try:

@@ -230,7 +230,8 @@ class AcceptanceCurve:
             return known[k]
         top = max(known)
         gain = known[top] - known[top - 1]
-        ratio = gain / (known[top - 1] - known[top - 2]) if top >= 2 else gain
+        previous_gain = known[top - 1] - known[top - 2] if top >= 2 else 1.0
+        ratio = gain / previous_gain if previous_gain > 0 else 0.0
         value = known[top]
         for _ in range(k - top):
             gain *= min(ratio, 1.0)

@@ -5,9 +5,11 @@ The table is the cost model's (vispec_vllm/cost_model.py): at each batch size, t
 maximises predicted tokens/s for this target on this platform. It needs the draft's acceptance.
 At start-up that is an assumed per-position rate (VISPEC_VLLM_ACCEPTANCE_RATE, default 0.75); once
 the engine runs, the scheduler feeds every verified draft into `AdaptiveSchedule.record`
-(patches/acceptance_feedback.py) and the table is re-derived from the measured acceptance curve
-every REDERIVE_EVERY drafts. K stays at least 1 for a request running alone, so acceptance keeps
-being measured even after traffic on which the draft was useless.
+(patches/acceptance_feedback.py) and the table is re-derived from the measured acceptance curve:
+after the first REDERIVE_EVERY drafts, then whenever the curve has moved (checked every
+REDERIVE_EVERY drafts, at most once per MIN_REDERIVE_INTERVAL_S). K stays at least 1 for a
+request running alone, so acceptance keeps being measured after traffic on which the draft was
+useless.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ ACCEPTANCE_RATE_ENV = "VISPEC_VLLM_ACCEPTANCE_RATE"
 # Below what published ViSpec drafts reach on their benchmarks, above what a text-style draft
 # reaches on image prompts; the measured curve replaces it after REDERIVE_EVERY drafts.
 DEFAULT_ACCEPTANCE_RATE = 0.75
-REDERIVE_EVERY = 256
-MIN_REDERIVE_INTERVAL_S = 1.0
+REDERIVE_EVERY = 64
+# A derivation walks every batch size up to max_num_seqs (tens of ms for 1,024), on the
+# scheduler's path: after the first, at most one per interval, and only for a curve that moved.
+MIN_REDERIVE_INTERVAL_S = 10.0
+CURVE_TOLERANCE = 0.05  # in mean acceptance length, at any K
 # Counts are halved past this many drafts, so the table follows changes in traffic.
 MEMORY_DRAFTS = 4096
 
@@ -75,7 +80,7 @@ class AdaptiveSchedule:
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     drafts_since_derivation: int = 0
-    derived_at: float = field(default_factory=time.monotonic)
+    derived_at: float | None = None  # when the first measured curve was adopted
     # The table in force and the acceptance curve it was derived from.
     schedule: Schedule = field(default_factory=list)
     derived_from: AcceptanceCurve | None = None
@@ -121,13 +126,18 @@ class AdaptiveSchedule:
             self.drafted[position] += 1
             self.accepted[position] += position < num_accepted_tokens
         self.drafts_since_derivation += 1
-        if (self.drafts_since_derivation < REDERIVE_EVERY
-                or time.monotonic() - self.derived_at < MIN_REDERIVE_INTERVAL_S):
+        if self.drafts_since_derivation < REDERIVE_EVERY or (
+                self.derived_at is not None and time.monotonic() - self.derived_at < MIN_REDERIVE_INTERVAL_S):
             return None
         self.drafts_since_derivation = 0
-        self.derived_at = time.monotonic()
         acceptance = self.measured_acceptance()
         if self.drafted[0] > MEMORY_DRAFTS:
             self.drafted = [n // 2 for n in self.drafted]
             self.accepted = [n // 2 for n in self.accepted]
-        return self._adopt(acceptance) if acceptance is not None else None
+        if acceptance is None or (self.derived_at is not None and self._close_to_current(acceptance)):
+            return None
+        self.derived_at = time.monotonic()
+        return self._adopt(acceptance)
+
+    def _close_to_current(self, acceptance: AcceptanceCurve) -> bool:
+        return all(abs(acceptance(k) - self.derived_from(k)) <= CURVE_TOLERANCE for k in range(1, self.max_k + 1))
