@@ -95,3 +95,16 @@ def engine_metrics(llm) -> dict:
 def model_runner_of(llm):
     """The in-process model runner (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor)."""
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
+@pytest.fixture(scope="module")
+def fixed_number_of_draft_tokens():
+    """Load-adaptive speculation off for a module's engines (`pytestmark = pytest.mark.usefixtures(
+    "fixed_number_of_draft_tokens")`): every step drafts the configured K."""
+    previous = os.environ.get("VISPEC_VLLM_ADAPTIVE")
+    os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
+    yield
+    if previous is None:
+        del os.environ["VISPEC_VLLM_ADAPTIVE"]
+    else:
+        os.environ["VISPEC_VLLM_ADAPTIVE"] = previous

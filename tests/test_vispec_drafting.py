@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from conftest import (
@@ -33,17 +31,9 @@ TWO_IMAGE_PROMPT = [{"role": "user", "content": [image_part("purple"), text_part
                                                  image_part("orange", "rectangle"), text_part("And right?")]}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fixed_number_of_draft_tokens():
-    """Drafting is examined at a fixed K: load-adaptive speculation (tests/test_adaptive_speculation.py)
-    would vary it per step, down to 1 for these random tiny drafts."""
-    previous = os.environ.get("VISPEC_VLLM_ADAPTIVE")
-    os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
-    yield
-    if previous is None:
-        del os.environ["VISPEC_VLLM_ADAPTIVE"]
-    else:
-        os.environ["VISPEC_VLLM_ADAPTIVE"] = previous
+# Drafting is examined at a fixed K: load-adaptive speculation (tests/test_adaptive_speculation.py)
+# would vary it per step, down to 1 for these random tiny drafts.
+pytestmark = pytest.mark.usefixtures("fixed_number_of_draft_tokens")
 
 
 def vispec_config(draft_dir, k: int = NUM_SPECULATIVE_TOKENS) -> dict:

@@ -27,6 +27,8 @@ from vispec_vllm.checkpoint import ViSpecCheckpointError, load_checkpoint_descri
 from vispec_vllm.tiny_models import DraftDims, write_vispec_draft
 
 K = 3
+# Proposals are compared at a fixed K (load-adaptive speculation re-derives K as it measures).
+pytestmark = pytest.mark.usefixtures("fixed_number_of_draft_tokens")
 PROMPT = [{"role": "user", "content": [{"type": "image_pil", "image_pil": make_image("cyan")},
                                        text_part("Describe the image in detail.")]}]
 
