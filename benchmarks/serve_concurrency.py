@@ -121,29 +121,44 @@ def summary_row(mode: str, adaptive: bool, concurrency: int, repeats: list[dict]
 
 
 def plot(report: dict, path: Path) -> None:
+    """Output tokens/s, ratio to no speculation, TTFT p50, ITL p50 (solid) and p99 (dashed), and
+    mean acceptance length, per set-up against concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (throughput, ratio) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    throughput, ratio, acceptance, ttft, itl, unused = axes.flat
+    unused.axis("off")
     baseline = {r["concurrency"]: r["output_tok_s"] for r in report["runs"] if r["mode"] == "none"}
     for name in dict.fromkeys(setup_name(r) for r in report["runs"]):
-        rows = sorted((r["concurrency"], r["output_tok_s"]) for r in report["runs"] if setup_name(r) == name)
-        throughput.plot(*zip(*rows, strict=True), "-o", label=name)
-        if name != "none" and baseline:
-            paired = [(c, v / baseline[c]) for c, v in rows if c in baseline]
-            ratio.plot(*zip(*paired, strict=True), "-o", label=name)
-    for ax, label in ((throughput, "output tokens/s"), (ratio, "ratio to no speculation")):
+        rows = sorted((r for r in report["runs"] if setup_name(r) == name), key=lambda r: r["concurrency"])
+        concurrency = [r["concurrency"] for r in rows]
+        line, = throughput.plot(concurrency, [r["output_tok_s"] for r in rows], "-o", ms=3, label=name)
+        colour = line.get_color()
+        ttft.plot(concurrency, [r["ttft_ms_p50"] for r in rows], "-o", ms=3, color=colour, label=name)
+        itl.plot(concurrency, [r["itl_ms_p50"] for r in rows], "-o", ms=3, color=colour, label=f"{name} p50")
+        itl.plot(concurrency, [r["itl_ms_p99"] for r in rows], "--", color=colour, label=f"{name} p99")
+        if name != "none":
+            paired = [(r["concurrency"], r["output_tok_s"] / baseline[r["concurrency"]]) for r in rows
+                      if r["concurrency"] in baseline]
+            if paired:
+                ratio.plot(*zip(*paired, strict=True), "-o", ms=3, color=colour, label=name)
+            acceptance.plot(concurrency, [r["mean_acceptance_length"] for r in rows], "-o", ms=3, color=colour,
+                            label=name)
+    for ax, label in ((throughput, "output tokens/s"), (ratio, "ratio to no speculation"),
+                      (acceptance, "mean acceptance length"), (ttft, "TTFT p50 (ms)"), (itl, "ITL (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     ratio.axhline(1.0, color="grey", lw=0.8)
     fig.suptitle(f"{report['target']} + {report['draft']} ({report['machine']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
