@@ -17,11 +17,6 @@ import os
 import platform
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# Acceptance at a given K: load-adaptive speculation would lower K for the batched requests.
-os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
-
 RESULTS = Path(__file__).parent / "results"
 TEXT_PROMPTS = [
     "Describe a picture with a red circle on the left and a blue square on the right.",
@@ -102,6 +97,12 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
+    # Set here, not at import: serve_concurrency.py imports this module, and its servers inherit
+    # this process's environment.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Acceptance at a given K: load-adaptive speculation would lower K for the batched requests.
+    os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
     from vispec_vllm.demo_models import DEMO_DRAFTS, DEMO_TARGET
     from vispec_vllm.train_data import scene_prompts
 

@@ -163,13 +163,12 @@ def serve_row_prediction(hardware: Hardware, shape: LanguageModelShape, row: dic
     return tokens_per_step / step_time(hardware, shape, batch, k, context, vispec=row["mode"] == "vispec")
 
 
-def serve_row_k(row: dict, fixed_k: int, schedule: list[tuple[int, int, int]]) -> int:
+def serve_row_k(row: dict, fixed_k: int) -> int:
+    """K of a serve row. A load-adaptive server re-derives its table from the acceptance it
+    measures while it runs, so its K is the one it drafted (mean draft tokens per draft)."""
     if row["mode"] == "none" or not row["mean_acceptance_length"]:
         return 0
-    if not row["adaptive"]:
-        return fixed_k
-    batch = max(1, round(row["mean_running_requests"]))
-    return next(k for first, last, k in schedule if first <= batch <= last)
+    return round(row["mean_draft_tokens"]) if row["adaptive"] else fixed_k
 
 
 def fit_cpu(rows: list[dict], shape: LanguageModelShape, fixed_k: int, context: int) -> Hardware:
@@ -307,17 +306,19 @@ def main() -> None:
                         for part in dict.fromkeys(e["part"] for e in errors)},
             "rows": errors}
 
+    acceptance = {draft: acceptance_from_report(args.results / "acceptance.json", draft)
+                  for draft in ("vispec", "eagle")}
+
     # 2. This machine.
     serve = json.loads((args.results / "serve_concurrency.json").read_text())
     shape, context = demo_target_shape(DEMO_TARGET), DEMO_CONTEXT
     fixed_k = 3
     fitted_cpu = fit_cpu(serve["runs"], shape, fixed_k, context)
     problems += constants_agree(fitted_cpu, THIS_CPU, CPU_FITTED_FIELDS, 0.02)
-    cpu_schedule = derive_schedule(THIS_CPU, shape, fixed_k, acceptance_from_report(
-        args.results / "acceptance.json", "vispec"), context)
+    cpu_schedule = derive_schedule(THIS_CPU, shape, fixed_k, acceptance["vispec"], context)
     machine_rows = []
     for row in serve["runs"]:
-        k = serve_row_k(row, fixed_k, cpu_schedule)
+        k = serve_row_k(row, fixed_k)
         predicted = serve_row_prediction(THIS_CPU, shape, row, k, context)
         setup = "vispec-fixed" if row["mode"] == "vispec" and not row["adaptive"] else row["mode"]
         machine_rows.append({"setup": setup, "role": "fitted" if setup in ("none", "vispec-fixed") else "held out",
@@ -333,8 +334,6 @@ def main() -> None:
         "rows": machine_rows}
 
     # 3. Real targets.
-    acceptance = {draft: acceptance_from_report(args.results / "acceptance.json", draft)
-                  for draft in ("vispec", "eagle")}
     assumed = AcceptanceCurve.geometric(DEFAULT_ACCEPTANCE_RATE, max_k=PREDICTION_K)
     report["gpu_predictions"] = (
         gpu_predictions(acceptance, "demo pair, measured (benchmarks/results/acceptance.json, image prompts)")

@@ -187,7 +187,7 @@ def main() -> None:
                                                         "num_speculative_tokens": k})]
     # name -> (mode, adaptive, serve args, environment)
     server_setups = {"none": ("none", False, [], {}),
-                     "vispec": ("vispec", True, vispec_config, {}),
+                     "vispec": ("vispec", True, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "1"}),
                      "vispec-fixed": ("vispec", False, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "0"}),
                      "eagle": ("eagle", False, eagle_config, {})}
     runs = [name for name in args.runs if name != "eagle" or args.eagle]

@@ -42,7 +42,6 @@ def apply() -> None:
             self.vispec_adaptive_schedule = AdaptiveSchedule.for_target(
                 self.num_spec_tokens, target.hf_config.get_text_config(), target.max_model_len,
                 self.scheduler_config.max_num_seqs)
-            self.vispec_adaptive_schedule.initial()
 
     def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                  num_invalid_spec_tokens, request_id):
@@ -55,8 +54,8 @@ def apply() -> None:
                 logger.exception("vispec-vllm: acceptance feedback failed; keeping the current schedule")
                 self.vispec_adaptive_schedule = schedule = None
             if schedule is not None:
-                lookup = build_dynamic_sd_schedule_lookup(schedule, vllm_max_batch_size=len(self.dynamic_sd_lookup) - 1,
-                                                          vllm_num_speculative_tokens=self.num_spec_tokens)
+                lookup = build_dynamic_sd_schedule_lookup(schedule, self.scheduler_config.max_num_seqs,
+                                                          self.num_spec_tokens)
                 if lookup != self.dynamic_sd_lookup:
                     self.dynamic_sd_lookup = lookup
                     acceptance = adaptive.derived_from

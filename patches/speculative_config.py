@@ -26,6 +26,8 @@ import logging
 
 logger = logging.getLogger("vllm.vispec_vllm")
 _ROUTABLE_METHODS = (None, "eagle", "draft_model")
+
+
 def _target_family(target_hf_config) -> str | None:
     model_type = getattr(target_hf_config, "model_type", "")
     if model_type.startswith("qwen"):

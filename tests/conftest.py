@@ -101,10 +101,6 @@ def model_runner_of(llm):
 def fixed_number_of_draft_tokens():
     """Load-adaptive speculation off for a module's engines (`pytestmark = pytest.mark.usefixtures(
     "fixed_number_of_draft_tokens")`): every step drafts the configured K."""
-    previous = os.environ.get("VISPEC_VLLM_ADAPTIVE")
-    os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
-    yield
-    if previous is None:
-        del os.environ["VISPEC_VLLM_ADAPTIVE"]
-    else:
-        os.environ["VISPEC_VLLM_ADAPTIVE"] = previous
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VISPEC_VLLM_ADAPTIVE", "0")
+        yield

@@ -14,14 +14,11 @@ useless.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 from vispec_vllm.cost_model import H100, H200, THIS_CPU, AcceptanceCurve, Hardware, LanguageModelShape, derive_schedule
-
-logger = logging.getLogger("vllm.vispec_vllm")
 
 ADAPTIVE_ENV = "VISPEC_VLLM_ADAPTIVE"
 ACCEPTANCE_RATE_ENV = "VISPEC_VLLM_ACCEPTANCE_RATE"
