@@ -11,9 +11,9 @@ setup(
     python_requires=">=3.10",
     # `patches/` lives at the top of the checkout (every change to vLLM's own behaviour, kept
     # visible) but is imported as `vispec_vllm.patches`.
-    packages=["vispec_vllm", "vispec_vllm.patches", "vispec_vllm.demo_models"],
+    packages=["vispec_vllm", "vispec_vllm.patches", "vispec_vllm.demo.models"],
     package_dir={"vispec_vllm": "vispec_vllm", "vispec_vllm.patches": "patches"},
-    package_data={"vispec_vllm": ["demo_models/*/*.json", "demo_models/*/*.jinja", "demo_models/*/*.safetensors"]},
+    package_data={"vispec_vllm.demo.models": ["*/*.json", "*/*.jinja", "*/*.safetensors"]},
     install_requires=[
         "safetensors",
         "pillow",

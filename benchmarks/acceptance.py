@@ -12,30 +12,10 @@ every step drafts K tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-TEXT_PROMPTS = [
-    "Describe a picture with a red circle on the left and a blue square on the right.",
-    "What shapes can appear in these pictures, and in which colours?",
-    "Tell me about a large green triangle above a small yellow star.",
-    "Count three purple circles and one orange square.",
-]
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (vLLM CPU backend)"
+from common import RESULTS, TEXT_PROMPTS, machine_description, pyplot, write_report
 
 
 def counters(llm) -> tuple[float, float]:
@@ -66,20 +46,8 @@ def measure(target: Path, draft: Path, method: str | None, k: int, prompts: dict
     return result
 
 
-def write_report(report: dict, out: Path, plot_report) -> None:
-    """The JSON at `out` and, beside it, the plot as PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-
-
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for draft in dict.fromkeys(r["draft"] for r in report["runs"]):
         for kind, style in (("image", "-o"), ("text", "--s")):
@@ -97,14 +65,13 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    # Set here, not at import: serve_concurrency.py imports this module, and its servers inherit
-    # this process's environment.
+    # Set here, never at import: whatever this process starts inherits its environment.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # Acceptance at a given K: load-adaptive speculation would lower K for the batched requests.
     os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
-    from vispec_vllm.demo_models import DEMO_DRAFTS, DEMO_TARGET
-    from vispec_vllm.train_data import scene_prompts
+    from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
+    from vispec_vllm.training.data import scene_prompts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, default=DEMO_TARGET)

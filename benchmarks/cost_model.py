@@ -37,15 +37,16 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, pyplot  # noqa: E402
+from target_shapes import TARGETS  # noqa: E402
+
 from vispec_vllm.cost_model import (  # noqa: E402
     H100,
     H200,
-    TARGETS,
     THIS_CPU,
     AcceptanceCurve,
     Hardware,
     LanguageModelShape,
-    adaptor_time,
     derive_schedule,
     draft_forward_time,
     step_time,
@@ -54,7 +55,6 @@ from vispec_vllm.cost_model import (  # noqa: E402
 )
 from vispec_vllm.speculation_schedule import DEFAULT_ACCEPTANCE_RATE  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 # The demo pair's requests: 37 image tokens + the question, ~67 answer tokens.
 DEMO_CONTEXT = 120
@@ -64,6 +64,17 @@ CPU_FITTED_FIELDS = ("step_overhead_s", "per_request_overhead_s", "per_token_ove
 
 # --------------------------------------------------------------------------------------------
 # 1. GPU step times
+
+
+def adaptor_time(hardware: Hardware, shape: LanguageModelShape, images: int, image_tokens: int) -> float:
+    """The vision adaptor over `images` images (prefill only): k/v projections of every image
+    token, cross-attention of 2 learned queries, and o_proj."""
+    h = shape.hidden_size
+    bandwidth = hardware.memory_bandwidth * hardware.bandwidth_efficiency
+    flops = hardware.matmul_flops * hardware.compute_efficiency
+    activations = images * image_tokens * h * 3  # image embeddings in, keys and values out
+    bytes_moved = (3 * h * h + activations) * hardware.bytes_per_param
+    return max(bytes_moved / bandwidth, 2 * 2 * h * h * images * image_tokens / flops)
 
 
 def predicted_step_ms(hardware: Hardware, shape: LanguageModelShape, row: dict) -> float:
@@ -233,11 +244,7 @@ def gpu_predictions(acceptance: dict[str, AcceptanceCurve], source: str) -> list
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for hardware, ax in zip(("H100 SXM", "H200"), axes[:2], strict=True):
         for target in TARGETS:
@@ -274,7 +281,7 @@ def constants_agree(fitted: Hardware, shipped: Hardware, fields: tuple[str, ...]
 
 
 def main() -> None:
-    from vispec_vllm.demo_models import DEMO_TARGET
+    from vispec_vllm.demo.models import DEMO_TARGET
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)

@@ -29,14 +29,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-# The shapes live in the plugin's cost model, which is pure Python (no vLLM needed here).
+# The shapes (benchmarks/target_shapes.py, on the plugin's pure-Python cost model) need no vLLM;
+# the checkout's root makes the plugin's package importable where it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vispec_vllm.cost_model import TARGETS, TINY_TARGET, LanguageModelShape, TargetShape  # noqa: E402
+from target_shapes import TARGETS, TINY_TARGET, TargetShape  # noqa: E402
+
+from vispec_vllm.cost_model import LanguageModelShape  # noqa: E402
 
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 QUERY_TOKENS = [1, 2, 4, 6]  # verify K+1 tokens per request: K = 0, 1, 3, 5
@@ -229,7 +233,7 @@ def main() -> None:
     targets = [TINY_TARGET if name == "tiny" else TARGETS[name] for name in args.targets]
     report = {"device": device_name(args.device), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
               "cuda_graphs": args.device == "cuda", "complete": False,
-              "targets": {t.name: {"language_model": t.language_model.as_dict(), "image_tokens": t.image_tokens,
+              "targets": {t.name: {"language_model": asdict(t.language_model), "image_tokens": t.image_tokens,
                                    "decode_context": t.decode_context} for t in targets},
               "measurements": []}
     started = time.monotonic()

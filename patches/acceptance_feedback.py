@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import logging
 
+from vispec_vllm.patches._wrap import wrap
+
 logger = logging.getLogger("vllm.vispec_vllm")
 
 
-def apply() -> None:
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
-
-    from vispec_vllm.speculation_schedule import AdaptiveSchedule, describe
-
-    if getattr(Scheduler.__init__, "_vispec_patched", False):
-        return
-    original_init = Scheduler.__init__
-    original_make_spec_decoding_stats = Scheduler.make_spec_decoding_stats
+def _make_init(original_init):
+    from vispec_vllm.speculation_schedule import AdaptiveSchedule
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         original_init(self, vllm_config, *args, **kwargs)
@@ -42,6 +36,14 @@ def apply() -> None:
             self.vispec_adaptive_schedule = AdaptiveSchedule.for_target(
                 self.num_spec_tokens, target.hf_config.get_text_config(), target.max_model_len,
                 self.scheduler_config.max_num_seqs)
+
+    return __init__
+
+
+def _make_make_spec_decoding_stats(original_make_spec_decoding_stats):
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    from vispec_vllm.speculation_schedule import describe
 
     def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                  num_invalid_spec_tokens, request_id):
@@ -66,6 +68,11 @@ def apply() -> None:
         return original_make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                                  num_invalid_spec_tokens, request_id)
 
-    __init__._vispec_patched = True
-    Scheduler.__init__ = __init__
-    Scheduler.make_spec_decoding_stats = make_spec_decoding_stats
+    return make_spec_decoding_stats
+
+
+def apply() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    wrap(Scheduler, "__init__", _make_init)
+    wrap(Scheduler, "make_spec_decoding_stats", _make_make_spec_decoding_stats)

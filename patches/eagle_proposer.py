@@ -11,6 +11,8 @@ Guard: only when the draft config names a ViSpec architecture; plain EAGLE is un
 
 from __future__ import annotations
 
+from vispec_vllm.patches._wrap import wrap
+
 
 def is_vispec_draft(vllm_config) -> bool:
     from vispec_vllm.checkpoint import VISPEC_ARCHITECTURES
@@ -21,18 +23,20 @@ def is_vispec_draft(vllm_config) -> bool:
     return any(arch in VISPEC_ARCHITECTURES.values() for arch in architectures)
 
 
-def apply() -> None:
+def _make_new(original_new):
     from vllm.v1.spec_decode.eagle import EagleProposer
-
-    if getattr(EagleProposer.__new__, "_vispec_patched", False):
-        return
 
     def __new__(cls, vllm_config, *args, **kwargs):
         if cls is EagleProposer and is_vispec_draft(vllm_config):
             from vispec_vllm.proposer import ViSpecProposer
 
             cls = ViSpecProposer
-        return object.__new__(cls)
+        return original_new(cls)  # object.__new__: it takes the class alone
 
-    __new__._vispec_patched = True
-    EagleProposer.__new__ = __new__
+    return __new__
+
+
+def apply() -> None:
+    from vllm.v1.spec_decode.eagle import EagleProposer
+
+    wrap(EagleProposer, "__new__", _make_new)

@@ -10,20 +10,22 @@ the plugin loads in (it concerns serving, with or without speculation).
 
 from __future__ import annotations
 
+from vispec_vllm.patches._wrap import wrap
 
-def apply() -> None:
+
+def _make_load_bytes(original_load_bytes):
     from PIL import Image
-    from vllm.multimodal.media.image import ImageMediaIO
-
-    original = ImageMediaIO.load_bytes
-    if getattr(original, "_vispec_patched", False):
-        return
 
     def load_bytes(self, data: bytes):
         try:
-            return original(self, data)
+            return original_load_bytes(self, data)
         except Image.DecompressionBombError as err:
             raise ValueError(f"Image too large: {err}") from err
 
-    load_bytes._vispec_patched = True
-    ImageMediaIO.load_bytes = load_bytes
+    return load_bytes
+
+
+def apply() -> None:
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    wrap(ImageMediaIO, "load_bytes", _make_load_bytes)

@@ -11,21 +11,22 @@ Guard: only when the draft config names a ViSpec architecture.
 
 from __future__ import annotations
 
+from vispec_vllm.patches._wrap import wrap
 
-def apply() -> None:
-    from vllm.config.vllm import VllmConfig
 
-    original = VllmConfig._get_v2_model_runner_unsupported_features
-    if getattr(original, "_vispec_patched", False):
-        return
+def _make_unsupported_features(original_unsupported_features):
+    from vispec_vllm.patches.eagle_proposer import is_vispec_draft
 
     def _get_v2_model_runner_unsupported_features(self):
-        from vispec_vllm.patches.eagle_proposer import is_vispec_draft
-
-        unsupported = list(original(self))
+        unsupported = list(original_unsupported_features(self))
         if is_vispec_draft(self):
             unsupported.append("ViSpec drafts (vispec-vllm)")
         return unsupported
 
-    _get_v2_model_runner_unsupported_features._vispec_patched = True
-    VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features
+    return _get_v2_model_runner_unsupported_features
+
+
+def apply() -> None:
+    from vllm.config.vllm import VllmConfig
+
+    wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", _make_unsupported_features)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from vispec_vllm.patches._wrap import wrap
+
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 
 
@@ -27,14 +29,7 @@ def speculative_config_from_flags(draft: str, num_tokens: int | None, speculativ
     return {"model": draft, "num_speculative_tokens": num_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS}
 
 
-def apply() -> None:
-    from vllm.engine.arg_utils import EngineArgs
-
-    if getattr(EngineArgs.add_cli_args, "_vispec_patched", False):
-        return
-    original_add_cli_args = EngineArgs.add_cli_args
-    original_from_cli_args = EngineArgs.from_cli_args.__func__
-
+def _make_add_cli_args(original_add_cli_args):
     def add_cli_args(parser):
         parser = original_add_cli_args(parser)
         group = parser.add_argument_group("vispec-vllm", "Speculative decoding shorthands (vispec-vllm plugin)")
@@ -44,6 +39,10 @@ def apply() -> None:
                            default=None, help=f"Draft tokens per step (default {DEFAULT_NUM_SPECULATIVE_TOKENS}).")
         return parser
 
+    return add_cli_args
+
+
+def _make_from_cli_args(original_from_cli_args):
     def from_cli_args(cls, args: argparse.Namespace):
         draft = getattr(args, "vispec_speculative_model", None)
         if draft is not None:
@@ -53,6 +52,11 @@ def apply() -> None:
             raise ValueError("--num-speculative-tokens needs --speculative-model")
         return original_from_cli_args(cls, args)
 
-    add_cli_args._vispec_patched = True
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    return from_cli_args
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    wrap(EngineArgs, "add_cli_args", _make_add_cli_args)  # a staticmethod
+    wrap(EngineArgs, "from_cli_args", _make_from_cli_args)  # a classmethod

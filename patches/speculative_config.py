@@ -7,16 +7,19 @@ its weights (`imadpt.*`, `img_fc.*`) say it is ViSpec. This wrapper recognises s
 before vLLM resolves the method, runs it as method "eagle" (vLLM's EAGLE machinery is what
 drafts with target hidden states), and, for the duration of the original call, extends the
 draft config's hf_overrides (built by `SpeculativeConfig.compose_draft_hf_overrides`) so that
-the draft config names the registered ViSpec architecture and carries `vispec_num_q`, `qkv_bias`
-and `bias`. It then validates the checkpoint against the target, before any KV memory is taken.
-The draft runs eager (`enforce_eager`): its per-row image inputs are set outside its forward.
+the draft config names the registered ViSpec architecture and carries `vispec_num_q`, `qkv_bias`,
+`bias` and `vispec_ignored_weights` (unused tensors the loader skips). It then validates the
+checkpoint against the target, before any KV memory is taken.
+The draft runs eager (`enforce_eager`): its forward is capture-safe, but capture is unverified on GPU.
 It also turns on load-adaptive speculation (vLLM's `num_speculative_tokens_per_batch_size`)
 unless the user gave a table or set VISPEC_VLLM_ADAPTIVE=0: the table is derived from the cost
 model for the target's shapes on this platform (vispec_vllm/speculation_schedule.py), and the
 draft config is marked `vispec_adaptive_schedule` so that the scheduler keeps it in step with
 the measured acceptance (patches/acceptance_feedback.py).
+A checkpoint in the plain EAGLE layout (fc + layer 0, no adaptor, no lm_head) given with no method
+would likewise be taken for a `draft_model` and fail on its names; it runs as method "eagle".
 Guard: nothing changes unless `model` resolves to a checkpoint with ViSpec weights and the method
-is unset, "eagle" or "draft_model".
+is unset, "eagle" or "draft_model", or to a plain EAGLE checkpoint and the method is unset.
 """
 
 from __future__ import annotations
@@ -24,17 +27,10 @@ from __future__ import annotations
 import functools
 import logging
 
+from vispec_vllm.patches._wrap import wrap
+
 logger = logging.getLogger("vllm.vispec_vllm")
 _ROUTABLE_METHODS = (None, "eagle", "draft_model")
-
-
-def _target_family(target_hf_config) -> str | None:
-    model_type = getattr(target_hf_config, "model_type", "")
-    if model_type.startswith("qwen"):
-        return "qwen2"
-    if model_type.startswith("llava"):
-        return "llama"
-    return None
 
 
 def vispec_draft_hf_override(architecture: str, draft_fields: dict, composed, hf_config):
@@ -46,20 +42,25 @@ def vispec_draft_hf_override(architecture: str, draft_fields: dict, composed, hf
     return hf_config
 
 
-def apply() -> None:
+def _make_post_init(original_post_init):
     from vllm.config.speculative import SpeculativeConfig
-
-    if getattr(SpeculativeConfig.__post_init__, "_vispec_patched", False):
-        return
-    original_post_init = SpeculativeConfig.__post_init__
 
     def __post_init__(self) -> None:
         from vispec_vllm.checkpoint import (
             load_checkpoint_description,
+            looks_like_plain_eagle,
             looks_like_vispec,
             validate_against_target,
         )
+        from vispec_vllm.checkpoint_format import target_family
 
+        if self.method is None and looks_like_plain_eagle(self.model):
+            # vLLM would take a draft with no method for a separate `draft_model` and fail on the
+            # EAGLE names (no `model.` prefix, no lm_head); its weights say it is plain EAGLE.
+            logger.info("vispec-vllm: %s holds a plain EAGLE draft (fc + layer 0, no vision adaptor); "
+                        "running it with method 'eagle'", self.model)
+            self.method = "eagle"
+            return original_post_init(self)
         if self.method not in _ROUTABLE_METHODS or not looks_like_vispec(self.model):
             return original_post_init(self)
         from vispec_vllm.speculation_schedule import AdaptiveSchedule, adaptive_enabled, describe
@@ -68,11 +69,13 @@ def apply() -> None:
         self.method = "eagle"
         adaptive = (adaptive_enabled() and bool(self.num_speculative_tokens)
                     and self.num_speculative_tokens_per_batch_size is None)
-        # The proposer hands the draft per-row image inputs outside its forward; a captured
-        # (CUDA-graph) draft forward would replay stale ones. Eager drafting on GPU, as on CPU.
+        # The draft's forward is capture-safe (it reads row buffers the proposer refills in
+        # place), but CUDA-graph capture of it has not been verified on a GPU yet: draft eagerly
+        # there, as on CPU, until it is (the proposer logs this once at start-up).
         self.enforce_eager = True
         draft_fields = {"vispec_num_q": checkpoint.num_q, "qkv_bias": checkpoint.qkv_bias,
-                        "bias": checkpoint.has_bias, "vispec_adaptive_schedule": adaptive}
+                        "bias": checkpoint.has_bias, "vispec_adaptive_schedule": adaptive,
+                        "vispec_ignored_weights": list(checkpoint.ignored_weights)}
         compose = SpeculativeConfig.compose_draft_hf_overrides
 
         def compose_for_vispec(target_hf_overrides):
@@ -88,7 +91,7 @@ def apply() -> None:
         target = self.target_model_config
         target_text_config = target.hf_config.get_text_config()
         validate_against_target(checkpoint, target_text_config.hidden_size, target_text_config.vocab_size,
-                                _target_family(target.hf_config))
+                                target_family(getattr(target.hf_config, "model_type", "")))
         if adaptive:
             self.num_speculative_tokens_per_batch_size = AdaptiveSchedule.for_target(
                 self.num_speculative_tokens, target_text_config, target.max_model_len).initial()
@@ -97,5 +100,10 @@ def apply() -> None:
         logger.info("vispec-vllm: %s is a ViSpec draft (num_q=%d); drafting with %s",
                     checkpoint.directory, checkpoint.num_q, checkpoint.architecture)
 
-    __post_init__._vispec_patched = True
-    SpeculativeConfig.__post_init__ = __post_init__
+    return __post_init__
+
+
+def apply() -> None:
+    from vllm.config.speculative import SpeculativeConfig
+
+    wrap(SpeculativeConfig, "__post_init__", _make_post_init)

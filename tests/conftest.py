@@ -14,7 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from vispec_vllm.tiny_models import write_tiny_models  # noqa: E402
+from vispec_vllm.factory.tiny_models import write_tiny_models  # noqa: E402
+
+
+def pytest_configure(config) -> None:
+    # Tiers: tests/unit starts no engine (`pytest tests/unit`); `-m "not server"` or `-m "not engine"` skip the rest.
+    config.addinivalue_line("markers", "engine: builds a vLLM engine (in process, or in a subprocess it runs)")
+    config.addinivalue_line("markers", "server: starts vLLM servers (subprocesses on 127.0.0.1)")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ from conftest import chat_tokens, engine_metrics, make_llm, mixed_conversations,
 from vispec_vllm import speculation_schedule
 from vispec_vllm.cost_model import AcceptanceCurve, Hardware
 
+pytestmark = pytest.mark.engine
+
 K = 3
 MANY = mixed_conversations() * 8  # 40 requests at once
 # Fixed here (not this machine's fitted profile, which moves with each benchmark refit).
@@ -121,10 +123,15 @@ def test_measured_acceptance_reshapes_the_schedule(tiny_models, baseline, costly
             assert outputs == baseline[:8]
             drafts, draft_tokens, accepted = drafts + steps, draft_tokens + tokens, accepted + accepted_tokens
         assert drafts >= speculation_schedule.REDERIVE_EVERY
-        # The scheduler counted exactly what vLLM's own counters saw.
-        assert sum(adaptive.drafted) == draft_tokens and sum(adaptive.accepted) == accepted
+        # The scheduler counted exactly what vLLM's own counters saw, position by position (the
+        # engine is fresh: its counters hold these runs only), and measures acceptance from them.
+        metrics = {metric.name: metric for metric in llm.get_metrics()}
+        accepted_per_position = list(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values)
+        assert sum(accepted_per_position) == accepted
+        assert sum(adaptive.drafted) == draft_tokens and adaptive.drafted[0] == drafts
+        assert adaptive.accepted == accepted_per_position
         measured = adaptive.measured_acceptance()
-        assert measured(1) == pytest.approx(1 + adaptive.accepted[0] / adaptive.drafted[0])
+        assert measured(1) == pytest.approx(1 + accepted_per_position[0] / drafts)
         # The scheduler's lookup is the table re-derived from a measured curve, no longer the
         # start-up one: the random tiny draft is accepted far less than the assumed 0.9.
         lookup = scheduler_of(llm).dynamic_sd_lookup

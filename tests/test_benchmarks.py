@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
 
 
 def run(script: str, *args: str) -> None:
@@ -17,25 +20,40 @@ def run(script: str, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.server
 def test_serve_concurrency_benchmark_smoke(tiny_models, tmp_path):
     out = tmp_path / "serve_concurrency.json"
-    run("serve_concurrency.py", "--target", str(tiny_models / "tiny-llava"),
+    run("serve_concurrency.py", "--smoke", "--target", str(tiny_models / "tiny-llava"),
         "--vispec", str(tiny_models / "tiny-llava-vispec"), "--eagle", "", "--runs", "none", "vispec",
-        "--concurrency", "2", "--prompts-per-concurrency", "4", "--output-len", "32", "--repeats", "1",
         "--out", str(out))
     report = json.loads(out.read_text())
-    assert report["target"] == "tiny-llava" and report["machine"]
+    assert report["target"] == "tiny-llava" and report["machine"] and report["repeats"] == 2
     assert [(r["mode"], r["concurrency"]) for r in report["runs"]] == [("none", 2), ("vispec", 2)]
+    none, vispec = report["runs"]
     for row in report["runs"]:
-        assert row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0 and row["itl_ms_p99"] >= row["itl_ms_p50"]
+        assert row["repeats"] == len(row["output_tok_s_repeats"]) == 2
+        # The row's throughput is the median of its repeats, with their min and max.
+        repeats = sorted(row["output_tok_s_repeats"])
+        assert row["output_tok_s"] == pytest.approx(sum(repeats) / 2)
+        assert (row["output_tok_s_min"], row["output_tok_s_max"]) == (repeats[0], repeats[1])
+        assert row["output_tok_s_min"] > 0 and row["ttft_ms_p50"] > 0 and row["itl_ms_p99"] >= row["itl_ms_p50"]
         assert (row["mean_acceptance_length"] is None) == (row["mode"] == "none")
         assert (row["mean_draft_tokens"] is None) == (row["mode"] == "none")
         assert 0 < row["mean_running_requests"] <= 2 and row["engine_steps"] > 0
         # Every step samples at least one token per running request.
         assert row["engine_steps"] <= row["output_tokens"]
+        # Each request brings its own image: repeats do not hit the prefix cache past the template.
+        assert row["prefix_cache_hit_rate_max"] < 0.5
+    # The ratio pairs each repeat with the run without speculation of the same repeat.
+    ratios = [v / n for v, n in zip(vispec["output_tok_s_repeats"], none["output_tok_s_repeats"], strict=True)]
+    assert vispec["ratio_to_none_repeats"] == pytest.approx(ratios)
+    assert vispec["ratio_to_none"] == pytest.approx(sum(ratios) / 2)
+    assert (vispec["ratio_to_none_min"], vispec["ratio_to_none_max"]) == pytest.approx((min(ratios), max(ratios)))
+    assert none["ratio_to_none"] is None
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.engine
 def test_acceptance_report_smoke(tiny_models, tmp_path):
     out = tmp_path / "acceptance.json"
     run("acceptance.py", "--target", str(tiny_models / "tiny-llava"),
@@ -46,6 +64,37 @@ def test_acceptance_report_smoke(tiny_models, tmp_path):
                                                                           ("vispec", 2, "text")}
     assert all(1.0 <= r["mean_acceptance_length"] <= 3.0 and r["num_requests"] == 2 for r in report["runs"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.engine
+def test_proposer_overhead_smoke(tiny_models, tmp_path):
+    out = tmp_path / "proposer_overhead.json"
+    run("proposer_overhead.py", "--smoke", "--target", str(tiny_models / "tiny-llava"),
+        "--draft", str(tiny_models / "tiny-llava-vispec"), "--out", str(out))
+    report = json.loads(out.read_text())
+    # This checkout only, every plugin module loaded from it.
+    assert list(report["versions"]) == ["after"] and report["comparison"] == []
+    modules = report["versions"]["after"]["modules"]
+    assert {"vispec_vllm.proposer", "vispec_vllm.draft_model", "vispec_vllm.patches"} <= set(modules)
+    assert all(Path(path).resolve().is_relative_to(REPO) for path in modules.values())
+    rows = {row["steps"]: row for row in report["rows"]}
+    assert set(rows) == {"all", "prefill", "decode"} and {row["batch"] for row in rows.values()} == {2}
+    every = rows["all"]
+    assert every["num_steps"] == [4] and rows["prefill"]["num_steps"][0] + rows["decode"]["num_steps"][0] == 4
+    # Host time: the proposer's call less the draft network's, which runs inside it.
+    assert every["draft_network_ms_median"] > 0 and 0 < every["host_ms_median"] < every["propose_ms_median"]
+    assert every["host_ms_median"] <= every["host_ms_p90"]
+    assert 0 <= every["image_request_share"] <= 1
+
+
+def test_proposer_overhead_refuses_modules_from_another_tree(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    import proposer_overhead
+
+    # This process loaded the plugin (conftest's tiny-model factory) from this checkout.
+    assert "vispec_vllm" in proposer_overhead.plugin_modules(REPO)
+    with pytest.raises(RuntimeError, match="outside"):
+        proposer_overhead.plugin_modules(tmp_path)
 
 
 def test_step_times_smoke(tmp_path):

@@ -13,7 +13,9 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from vispec_vllm.server import VLLMServer, image_data_url
+from vispec_vllm.demo.server import VLLMServer, image_data_url
+
+pytestmark = pytest.mark.server
 
 NUM_REQUESTS = 64
 MAX_TOKENS = 12

@@ -8,9 +8,12 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from conftest import make_image
 
-from vispec_vllm.server import VLLMServer, image_data_url
+from vispec_vllm.demo.server import VLLMServer, image_data_url
+
+pytestmark = pytest.mark.server
 
 NUM_REQUESTS = 2000
 WARM_UP = 300

@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import make_image, make_llm, shutdown_llm
 
-from vispec_vllm.server import VLLMServer, image_data_url
+from vispec_vllm.demo.server import VLLMServer, image_data_url
+
+pytestmark = pytest.mark.engine
 
 TARGETS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl"]
 QUESTION = "Describe the image in detail."
@@ -52,6 +54,7 @@ def test_llm_chat_with_image_matches_hf(target_llm, tiny_models):
     assert list(out.outputs[0].token_ids) == hf_greedy(tiny_models / name, image)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", TARGETS)
 def test_openai_chat_endpoint_with_image(tiny_models, tmp_path, name):
     image_part = {"type": "image_url", "image_url": {"url": image_data_url(make_image("green", "rectangle"))}}

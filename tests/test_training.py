@@ -14,8 +14,10 @@ from conftest import chat_tokens, engine_metrics, make_llm, mixed_conversations,
 from safetensors.torch import load_file
 
 from vispec_vllm.checkpoint import load_checkpoint_description
-from vispec_vllm.train import TrainConfig, train_draft
-from vispec_vllm.train_data import generate_training_data, load_records, prompts_from_conversations
+from vispec_vllm.training.data import generate_training_data, load_records, prompts_from_conversations
+from vispec_vllm.training.train import TrainConfig, train_draft
+
+pytestmark = pytest.mark.engine
 
 FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl"]
 MAX_TOKENS = 8

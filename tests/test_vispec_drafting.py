@@ -33,7 +33,7 @@ TWO_IMAGE_PROMPT = [{"role": "user", "content": [image_part("purple"), text_part
 
 # Drafting is examined at a fixed K: load-adaptive speculation (tests/test_adaptive_speculation.py)
 # would vary it per step, down to 1 for these random tiny drafts.
-pytestmark = pytest.mark.usefixtures("fixed_number_of_draft_tokens")
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("fixed_number_of_draft_tokens")]
 
 
 def vispec_config(draft_dir, k: int = NUM_SPECULATIVE_TOKENS) -> dict:

@@ -1,4 +1,4 @@
-"""An independent, pure-PyTorch ViSpec draft, written from the method spec (vispec-method.md §1),
+"""An independent, pure-PyTorch ViSpec draft, written from the method (docs/method.md §2-§3),
 used only to check the plugin. It calls no plugin code and shares none of its tricks: it builds
 the compressed row sequence explicitly (image rows removed, compressed tokens inserted at the
 positions of the image's last num_q-1 rows) and recomputes full causal attention every time.

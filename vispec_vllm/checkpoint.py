@@ -3,7 +3,8 @@
 A published ViSpec draft (`JLKang/ViSpec-*`) is `config.json` (a plain Llama or Qwen2 config with
 one layer) plus `model.safetensors` or `pytorch_model.bin`. Nothing in the config says "ViSpec";
 the weights do: `imadpt.*` (the vision adaptor) and `img_fc.*` (the global-feature fusion).
-`num_q` is not stored either; it is `imadpt.q.shape[0]`.
+`num_q` is not stored either; it is `imadpt.q.shape[0]`. The format itself (names, shapes,
+families) is written down in vispec_vllm/checkpoint_format.py; this module reads files against it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger("vllm.vispec_vllm")
+from vispec_vllm.checkpoint_format import (
+    CONFIG_FILE,
+    VISPEC_ARCHITECTURES,
+    WEIGHT_FILES,
+    DraftDims,
+    draft_family,
+    published_shapes,
+    weight_layout,
+)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Registered draft architectures, by the family of the checkpoint's config.
-# The "Eagle" prefix keeps vLLM's EAGLEConfig from renaming them (it prefixes any other name).
-VISPEC_ARCHITECTURES = {"llama": "EagleViSpecLlamaForCausalLM", "qwen2": "EagleViSpecQwen2ForCausalLM"}
+logger = logging.getLogger("vllm.vispec_vllm")
 
 
 class ViSpecCheckpointError(ValueError):
@@ -39,38 +45,19 @@ class ViSpecCheckpoint:
     qkv_bias: bool
     has_bias: bool  # fc / img_fc bias ("bias" config key, default True)
     has_embed_tokens: bool
+    # Tensors in the file that the draft does not use (a leftover lm_head, a training buffer):
+    # the loader skips exactly these.
+    ignored_weights: tuple[str, ...] = ()
 
     @property
     def architecture(self) -> str:
         return VISPEC_ARCHITECTURES[self.family]
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The published state-dict names and shapes (vispec-method.md §2.3)."""
-        h, nh, hd, inter, v, q = (self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size,
-                                  self.vocab_size, self.num_q)
-        shapes: dict[str, tuple[int, ...]] = {}
-        if self.has_embed_tokens:
-            shapes["embed_tokens.weight"] = (v, h)
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            shapes[f"layers.0.self_attn.{proj}.weight"] = (nh * hd, h)
-            if self.qkv_bias:
-                shapes[f"layers.0.self_attn.{proj}.bias"] = (nh * hd,)
-        shapes["layers.0.self_attn.o_proj.weight"] = (h, nh * hd)
-        shapes["layers.0.mlp.gate_proj.weight"] = (inter, h)
-        shapes["layers.0.mlp.up_proj.weight"] = (inter, h)
-        shapes["layers.0.mlp.down_proj.weight"] = (h, inter)
-        shapes["layers.0.post_attention_layernorm.weight"] = (h,)
-        for name in ("fc", "img_fc"):
-            shapes[f"{name}.weight"] = (h, 2 * h)
-            if self.has_bias:
-                shapes[f"{name}.bias"] = (h,)
-        shapes["imadpt.q"] = (q, nh, hd)
-        for proj in ("k_proj", "v_proj"):
-            shapes[f"imadpt.{proj}.weight"] = (nh * hd, h)
-            if self.qkv_bias:
-                shapes[f"imadpt.{proj}.bias"] = (nh * hd,)
-        shapes["imadpt.o_proj.weight"] = (h, nh * hd)
-        return shapes
+    @property
+    def dims(self) -> DraftDims:
+        return DraftDims(self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size, self.vocab_size,
+                         self.qkv_bias, num_q=self.num_q, has_bias=self.has_bias,
+                         has_embed_tokens=self.has_embed_tokens)
 
 
 def resolve_local_dir(model: str) -> Path | None:
@@ -93,8 +80,6 @@ def resolve_local_dir(model: str) -> Path | None:
 
 
 def _weight_file(directory: Path) -> Path | None:
-    # Published drafts ship model.safetensors or pytorch_model.bin (the reference tries .bin first;
-    # a directory holds one format or identical copies).
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
             return directory / name
@@ -120,27 +105,65 @@ def read_weight_shapes(weight_file: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def looks_like_vispec(model: str | None) -> bool:
-    """True when `model` resolves to a checkpoint whose weights carry a ViSpec adaptor."""
+def checkpoint_layout(model: str | None) -> str | None:
+    """"vispec", "eagle" (a plain EAGLE draft) or None, from the weight names of the checkpoint
+    `model` resolves to (see checkpoint_format.weight_layout)."""
     if not model:
-        return False
+        return None
     directory = resolve_local_dir(model)
     weight_file = directory and _weight_file(directory)
     if not weight_file:
-        return False
+        return None
     try:
         names = read_weight_shapes(weight_file)
     except ViSpecCheckpointError:
-        return True  # a ViSpec-named but broken file is still ours to report clearly
-    return any(k.startswith("imadpt.") for k in names) and any(k.startswith("img_fc.") for k in names)
+        return "vispec"  # a ViSpec-named but broken file is still ours to report clearly
+    return weight_layout(names)
+
+
+def looks_like_vispec(model: str | None) -> bool:
+    """True when `model` resolves to a checkpoint whose weights carry a ViSpec adaptor."""
+    return checkpoint_layout(model) == "vispec"
+
+
+def looks_like_plain_eagle(model: str | None) -> bool:
+    """True when `model` resolves to a checkpoint in the plain EAGLE layout (no adaptor)."""
+    return checkpoint_layout(model) == "eagle"
+
+
+def find_non_finite(weight_file: Path, names: list[str]) -> list[str]:
+    """The named tensors holding NaN or Inf, as "name (n NaN, m Inf)"; one tensor in memory at a time
+    for safetensors files."""
+    import torch
+
+    def problem(name: str, tensor: torch.Tensor) -> str | None:
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            return None
+        counts = [f"{int(count)} {kind}" for kind, count in
+                  (("NaN", torch.isnan(tensor).sum()), ("Inf", torch.isinf(tensor).sum())) if count]
+        return f"{name} ({', '.join(counts)})"
+
+    if weight_file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(weight_file, "pt") as f:
+            found = [problem(name, f.get_tensor(name)) for name in names]
+    else:
+        state = torch.load(weight_file, map_location="cpu", mmap=True, weights_only=True)
+        found = [problem(name, state[name]) for name in names]
+    return [p for p in found if p]
 
 
 def load_checkpoint_description(model: str) -> ViSpecCheckpoint:
-    """Read config.json and the weight names once; validate them against the published format."""
+    """Read config.json and the weights once; validate them against the published format.
+
+    Missing or wrongly shaped weights and NaN / Inf values stop start-up; tensors the draft does not
+    use are listed in one warning and skipped by the loader.
+    """
     directory = resolve_local_dir(model)
     if directory is None:
         raise ViSpecCheckpointError(f"{model}: not a local directory nor a checkpoint in the local HF cache")
-    config_file = directory / "config.json"
+    config_file = directory / CONFIG_FILE
     weight_file = _weight_file(directory)
     if weight_file is None:
         raise ViSpecCheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)}")
@@ -154,26 +177,9 @@ def load_checkpoint_description(model: str) -> ViSpecCheckpoint:
         raise ViSpecCheckpointError(
             f"{weight_file}: missing or malformed 'imadpt.q' (expected [num_q, heads, head_dim])")
     num_q, num_heads, head_dim = shapes["imadpt.q"]
-    model_type = config.get("model_type", "llama")
-    family = "qwen2" if model_type.startswith("qwen") else "llama"
-    hidden_size = int(config["hidden_size"])
     if config.get("num_hidden_layers", 1) != 1:
         raise ViSpecCheckpointError(f"{config_file}: num_hidden_layers is {config['num_hidden_layers']}, "
                                     "ViSpec drafts have exactly 1")
-    checkpoint = ViSpecCheckpoint(
-        directory=directory,
-        weight_file=weight_file,
-        family=family,
-        hidden_size=hidden_size,
-        vocab_size=int(config["vocab_size"]),
-        num_heads=num_heads,
-        head_dim=head_dim,
-        intermediate_size=int(config["intermediate_size"]),
-        num_q=num_q,
-        qkv_bias=bool(config.get("qkv_bias", False)),
-        has_bias=bool(config.get("bias", True)),
-        has_embed_tokens="embed_tokens.weight" in shapes,
-    )
     if num_heads != config.get("num_attention_heads", num_heads):
         raise ViSpecCheckpointError(
             f"{weight_file}: imadpt.q has {num_heads} heads but {config_file} says "
@@ -181,25 +187,46 @@ def load_checkpoint_description(model: str) -> ViSpecCheckpoint:
     if num_q < 2:
         raise ViSpecCheckpointError(f"{weight_file}: imadpt.q has num_q={num_q}; ViSpec needs at least 2 "
                                     "(compressed tokens plus the global image vector)")
-    expected = checkpoint.expected_shapes()
+    dims = DraftDims(int(config["hidden_size"]), num_heads, head_dim, int(config["intermediate_size"]),
+                     int(config["vocab_size"]), bool(config.get("qkv_bias", False)), num_q=num_q,
+                     has_bias=bool(config.get("bias", True)), has_embed_tokens="embed_tokens.weight" in shapes)
+    expected = published_shapes(dims)
     missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected))
+    ignored = tuple(sorted(set(shapes) - set(expected)))
     wrong = sorted(f"{k} {list(shapes[k])} (expected {list(expected[k])})"
                    for k in set(expected) & set(shapes) if shapes[k] != expected[k])
     problems = []
     if missing:
         problems.append("missing weights: " + ", ".join(missing))
-    if extra:
-        problems.append("unexpected weights: " + ", ".join(extra))
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong))
     if problems:
         raise ViSpecCheckpointError(f"{weight_file}: not a valid ViSpec draft for its config.json "
                                     f"(num_q={num_q}): " + " | ".join(problems))
-    if not checkpoint.has_embed_tokens:
+    non_finite = find_non_finite(weight_file, list(expected))
+    if non_finite:
+        raise ViSpecCheckpointError(f"{weight_file}: NaN or Inf in draft weights: " + "; ".join(non_finite))
+    if ignored:
+        logger.warning("%s: ignoring %d tensor(s) the ViSpec draft does not use: %s", weight_file, len(ignored),
+                       ", ".join(ignored))
+    if not dims.has_embed_tokens:
         logger.warning("%s has no embed_tokens.weight; the draft will use the target's input embedding",
                        weight_file)
-    return checkpoint
+    return ViSpecCheckpoint(
+        directory=directory,
+        weight_file=weight_file,
+        family=draft_family(config.get("model_type", "llama")),
+        hidden_size=dims.hidden_size,
+        vocab_size=dims.vocab_size,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        intermediate_size=dims.intermediate_size,
+        num_q=num_q,
+        qkv_bias=dims.qkv_bias,
+        has_bias=dims.has_bias,
+        has_embed_tokens=dims.has_embed_tokens,
+        ignored_weights=ignored,
+    )
 
 
 def validate_against_target(checkpoint: ViSpecCheckpoint, target_hidden_size: int, target_vocab_size: int,

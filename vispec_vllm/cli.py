@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_MODELS_DIR = Path(os.environ.get("VISPEC_VLLM_HOME", Path.home() / ".cache" / "vispec-vllm"))
@@ -26,80 +24,29 @@ def _vllm_cli(argv: list[str]) -> None:
 
 
 def _tiny_models(args: argparse.Namespace) -> None:
-    from vispec_vllm.tiny_models import write_tiny_models
+    from vispec_vllm.factory.tiny_models import write_tiny_models
 
     for name, path in write_tiny_models(args.out_dir, seed=args.seed, num_q=args.num_q, write_bin=args.bin).items():
         print(f"{name}: {path}")
 
 
-def mean_acceptance_length(metrics_text: str) -> float | None:
-    """vLLM's own definition: 1 + accepted draft tokens / drafts, from the Prometheus counters."""
-    counters = {}
-    for line in metrics_text.splitlines():
-        for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
-            if line.startswith(name):
-                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    drafts = counters.get("vllm:spec_decode_num_drafts_total", 0.0)
-    if not drafts:
-        return None
-    return 1.0 + counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts
-
-
-def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[float, list[str]]:
-    """Send prompts one at a time (concurrency 1); returns (output tokens per second, answers)."""
-    answers, tokens, started = [], 0, time.monotonic()
-    for content in prompts:
-        status, body = server.chat(content, max_tokens=max_tokens)
-        if status != 200:
-            sys.exit(f"request failed with HTTP {status}: {body}")
-        tokens += body["usage"]["completion_tokens"]
-        answers.append(body["choices"][0]["message"]["content"])
-    return tokens / (time.monotonic() - started), answers
-
-
 def _demo(args: argparse.Namespace) -> None:
-    from vispec_vllm.demo_models import DEMO_DRAFTS, DEMO_TARGET
-    from vispec_vllm.scenes import DESCRIBE_PROMPT, HELD_OUT_START, make_scene
-    from vispec_vllm.server import VLLMServer, image_data_url
+    from vispec_vllm.demo.run import DemoOptions, run_demo
 
-    target, draft = DEMO_TARGET, DEMO_DRAFTS["vispec"]
-    scenes = [make_scene(HELD_OUT_START + i) for i in range(args.num_requests)]
-    prompts = [[{"type": "image_url", "image_url": {"url": image_data_url(scene.image)}},
-                {"type": "text", "text": DESCRIBE_PROMPT}] for scene in scenes]
-    common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--limit-mm-per-prompt",
-              '{"image": 1}']
-    spec = {"model": str(draft), "num_speculative_tokens": args.num_speculative_tokens}
-    DEFAULT_MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    print(f"Demo pair: target {target.name} (trained on synthetic scenes), ViSpec draft {draft.name}, "
-          f"K={args.num_speculative_tokens}; {args.num_requests} held-out scenes, one request at a time.")
-    results = {}
-    for mode, extra in (("no speculation", []), ("ViSpec", ["--speculative-config", json.dumps(spec)])):
-        log = DEFAULT_MODELS_DIR / f"demo-server-{'vispec' if extra else 'plain'}.log"
-        print(f"Starting vLLM on 127.0.0.1 with the vispec-vllm plugin, {mode} (log: {log}) ...", flush=True)
-        with VLLMServer(target, common + extra, log_path=log) as server:
-            _run_requests(server, prompts[:1], args.max_tokens)  # warm-up
-            tok_s, answers = _run_requests(server, prompts, args.max_tokens)
-            acceptance = mean_acceptance_length(server.metrics()) if extra else None
-        results[mode] = (tok_s, answers, acceptance)
-        print(f"  {mode}: {tok_s:.1f} output tokens/s", flush=True)
-    plain, vispec = results["no speculation"], results["ViSpec"]
-    print(f"\nHeld-out scene {scenes[0].seed}: {vispec[1][0]!r}")
-    print(f"Reference description:   {scenes[0].description!r}")
-    print(f"Outputs identical with and without speculation: {plain[1] == vispec[1]}")
-    print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): {vispec[2]:.2f}")
-    print(f"Speed-up over no speculation on this machine: {vispec[0] / plain[0]:.2f}x "
-          f"({vispec[0]:.1f} vs {plain[0]:.1f} output tokens/s at concurrency 1)")
+    run_demo(DemoOptions(num_requests=args.num_requests, max_tokens=args.max_tokens,
+                         num_speculative_tokens=args.num_speculative_tokens, out=args.out,
+                         logs_dir=DEFAULT_MODELS_DIR))
 
 
 def _train(args: argparse.Namespace) -> None:
     if args.stage == "data":
-        from vispec_vllm.train_data import generate_training_data, scene_prompts
+        from vispec_vllm.training.data import generate_training_data, scene_prompts
 
         out = generate_training_data(args.target, args.out, scene_prompts(args.seed), args.num_samples,
                                      max_tokens=args.max_tokens, shard_size=args.shard_size)
         print(f"training records: {out}")
         return
-    from vispec_vllm.train import TrainConfig, train_draft
+    from vispec_vllm.training.train import TrainConfig, train_draft
 
     cfg = TrainConfig(stage=1 if args.stage == "stage1" else 2, epochs=args.epochs, lr=args.lr, num_q=args.num_q,
                       mtp_steps=args.mtp_steps, zero_adaptor=args.zero_adaptor, seed=args.seed)
@@ -108,7 +55,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _build_demo(args: argparse.Namespace) -> None:
-    from vispec_vllm.demo_build import build_demo
+    from vispec_vllm.demo.build import build_demo
 
     for name, path in build_demo(args.out_dir, args.target_minutes).items():
         print(f"{name}: {path}")
@@ -133,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.add_argument("--num-requests", type=int, default=8)
     demo.add_argument("--num-speculative-tokens", type=int, default=3)
+    demo.add_argument("--out", type=Path, default=Path("benchmarks/results/demo.json"),
+                      help="where to write the report (JSON)")
     train = sub.add_parser("train", help="generate draft training data, or train a draft (stage 1 or 2)",
                            description="data: the target answers scene prompts and the records are written; "
                            "stage1: plain EAGLE-style draft; stage2: ViSpec draft (from --init stage 1). "

@@ -2,8 +2,9 @@
 overheads, tokens/s with and without speculation at each batch size, and the load-adaptive
 schedule (draft tokens per batch size) that maximises predicted tokens/s.
 
-Pure Python: `benchmarks/step_times.py` imports the model shapes on GPU machines where neither
-vLLM nor torch's CPU build is installed, and the plugin derives its schedule at start-up.
+Pure Python: the plugin derives its schedule at start-up for the served target (its shape read
+from the target's config), and the benchmarks (benchmarks/target_shapes.py: the catalogue of real
+targets) use it on GPU machines where vLLM is not installed.
 
 One engine step with K draft tokens (vLLM's EAGLE chain, which ViSpec uses) is
     step overhead + target forward over K+1 tokens per request
@@ -12,13 +13,15 @@ and yields a mean acceptance length (accepted drafts + 1) of tokens per request.
     layers x per-layer overhead + max(weight bytes / bandwidth, GEMM FLOPs / FLOP rate)
                                 + max(KV bytes / bandwidth, attention FLOPs / FLOP rate)
 with bandwidth and FLOP rate the spec-sheet numbers times fitted efficiencies
-(benchmarks/cost_model.py fits them; tests/test_cost_model.py checks the constants below against
-the committed measurements).
+(benchmarks/cost_model.py fits them; tests/unit/test_cost_model.py checks the constants below
+against the committed measurements).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+
+from vispec_vllm.checkpoint_format import FAMILY_QKV_BIAS, draft_family
 
 # --------------------------------------------------------------------------------------------
 # Model shapes
@@ -60,9 +63,6 @@ class LanguageModelShape:
         """The ViSpec draft's one decoder layer: plain MHA in every released config, also for Qwen."""
         return replace(self, name=f"{self.name}-draft", num_key_value_heads=self.num_attention_heads, num_layers=1)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_hf_text_config(cls, text_config) -> LanguageModelShape:
         return cls(
@@ -73,50 +73,9 @@ class LanguageModelShape:
             num_key_value_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
             num_layers=text_config.num_hidden_layers,
             vocab_size=text_config.vocab_size,
-            qkv_bias=getattr(text_config, "model_type", "").startswith("qwen"),
+            qkv_bias=FAMILY_QKV_BIAS[draft_family(getattr(text_config, "model_type", ""))],
             tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
         )
-
-
-# The language models inside the ViSpec targets (their HF configs, as quoted in
-# ../shared/reference/anchors.md section 5 and vispec-method.md section 2).
-VICUNA_7B = LanguageModelShape("vicuna-7b", 4096, 11008, 32, 32, 32, 32064)
-VICUNA_13B = LanguageModelShape("vicuna-13b", 5120, 13824, 40, 40, 40, 32000)
-QWEN2_5_3B = LanguageModelShape("qwen2.5-3b", 2048, 11008, 16, 2, 36, 151936, qkv_bias=True, tie_word_embeddings=True)
-QWEN2_5_7B = LanguageModelShape("qwen2.5-7b", 3584, 18944, 28, 4, 28, 152064, qkv_bias=True)
-
-
-@dataclass(frozen=True)
-class TargetShape:
-    """A ViSpec target and the request shape used throughout: one image, a short question, an
-    answer of `output_tokens`."""
-
-    name: str
-    language_model: LanguageModelShape
-    image_tokens: int
-    text_tokens: int = 64
-    output_tokens: int = 256
-
-    @property
-    def decode_context(self) -> int:
-        """Context length halfway through the answer."""
-        return self.image_tokens + self.text_tokens + self.output_tokens // 2
-
-
-TARGETS = {
-    target.name: target
-    for target in (
-        TargetShape("llava-1.5-7b", VICUNA_7B, image_tokens=576),
-        TargetShape("llava-1.6-7b", VICUNA_7B, image_tokens=2880),  # AnyRes 2x2 + base, the maximum
-        TargetShape("llava-1.5-13b", VICUNA_13B, image_tokens=576),
-        TargetShape("llava-1.6-13b", VICUNA_13B, image_tokens=2880),
-        TargetShape("qwen2.5-vl-3b", QWEN2_5_3B, image_tokens=1024),  # an 896x896 image, 28x28 px per token
-        TargetShape("qwen2.5-vl-7b", QWEN2_5_7B, image_tokens=1024),
-    )
-}
-
-# For smoke tests of the benchmark scripts on a CPU.
-TINY_TARGET = TargetShape("tiny", LanguageModelShape("tiny", 64, 128, 4, 2, 2, 256), image_tokens=16, output_tokens=32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +115,6 @@ H200 = replace(H100, name="H200", memory_bandwidth=4.8e12)
 THIS_CPU = Hardware("2-core CPU, vLLM CPU backend", 20e9, 100e9, bandwidth_efficiency=1.0, compute_efficiency=1.0,
                     layer_overhead_s=0.0, step_overhead_s=3.552e-3, draft_forward_overhead_s=1.243e-3,
                     per_token_overhead_s=0.0772e-3, per_request_overhead_s=0.4163e-3, bytes_per_param=4)
-HARDWARE = {"H100": H100, "H200": H200, "this-cpu": THIS_CPU}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,17 +195,6 @@ class AcceptanceCurve:
             gain *= min(ratio, 1.0)
             value += gain
         return value
-
-
-def adaptor_time(hardware: Hardware, shape: LanguageModelShape, images: int, image_tokens: int) -> float:
-    """The vision adaptor over `images` images (prefill only): k/v projections of every image
-    token, cross-attention of 2 learned queries, and o_proj."""
-    h = shape.hidden_size
-    bandwidth = hardware.memory_bandwidth * hardware.bandwidth_efficiency
-    flops = hardware.matmul_flops * hardware.compute_efficiency
-    activations = images * image_tokens * h * 3  # image embeddings in, keys and values out
-    bytes_moved = (3 * h * h + activations) * hardware.bytes_per_param
-    return max(bytes_moved / bandwidth, 2 * 2 * h * h * images * image_tokens / flops)
 
 
 def tokens_per_second(hardware: Hardware, shape: LanguageModelShape, batch: int, num_draft_tokens: int,

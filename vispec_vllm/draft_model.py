@@ -15,12 +15,15 @@ Dropped image rows are removed from attention exactly with a key-mask channel (s
 holds 1 and a dropped row's key holds -KEY_MASK_VALUE. The mask is thereby stored in the paged KV
 cache itself, so it holds for later chunks, decode steps and prefix-cache hits on every attention
 backend, CPU included, while draft slots stay equal to target positions.
+
+Which row is which reaches the draft through row buffers it owns (g, compressed token, compressed
+and dropped flags), which `ViSpecProposer` fills in place before every forward; the forward reads
+them without data-dependent branches, so it is safe to capture in a CUDA graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,8 @@ from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
 from vllm.platforms import current_platform
 
+from vispec_vllm.checkpoint_format import PARAMETER_NAME_MAPPING
+
 logger = init_logger(__name__)
 
 # Score penalty before scaling: times head_dim**-0.5 (>= 1/16 for head_dim <= 256) it is >= 625,
@@ -53,22 +58,6 @@ def masked_head_size(head_dim: int) -> int:
     if current_platform.is_cpu():
         return next(size for size in _CPU_ATTENTION_HEAD_SIZES if size > head_dim)
     return head_dim + 8  # FlashAttention and friends take multiples of 8
-
-
-@dataclass
-class ViSpecRowInputs:
-    """What the proposer tells the draft about each input row of one forward pass.
-
-    global_image_feature: [rows, H], g fused into every row through img_fc (zeros: no image yet)
-    compressed_tokens:    [rows, H], adaptor outputs placed at compressed rows (else unused)
-    is_compressed_row:    [rows] bool, rows whose layer input is the compressed token
-    is_dropped_row:       [rows] bool, image rows removed from every later query's attention
-    """
-
-    global_image_feature: torch.Tensor
-    compressed_tokens: torch.Tensor | None = None
-    is_compressed_row: torch.Tensor | None = None
-    is_dropped_row: torch.Tensor | None = None
 
 
 class ViSpecVisionAdaptor(nn.Module):
@@ -127,14 +116,13 @@ class ViSpecAttention(nn.Module):
         return padded.view(rows, -1)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                is_dropped_row: torch.Tensor | None) -> torch.Tensor:
+                is_dropped_row: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.q_size, self.q_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
         rows = q.shape[0]
         query_channel = q.new_ones(rows)
-        key_channel = (q.new_zeros(rows) if is_dropped_row is None
-                       else is_dropped_row.to(q.dtype) * -KEY_MASK_VALUE)
+        key_channel = is_dropped_row.to(q.dtype) * -KEY_MASK_VALUE
         out = self.attn(self._pad(q, query_channel), self._pad(k, key_channel), self._pad(v, None))
         out = out.view(rows, self.num_local_heads, self.padded_head_dim)[..., : self.head_dim]
         output, _ = self.o_proj(out.reshape(rows, -1))
@@ -152,7 +140,7 @@ class ViSpecDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                is_dropped_row: torch.Tensor | None) -> torch.Tensor:
+                is_dropped_row: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(positions, hidden_states, is_dropped_row)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -192,8 +180,22 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         self.imadpt = ViSpecVisionAdaptor(config.hidden_size, num_heads, config.hidden_size // num_heads,
                                           config.vispec_num_q, bool(getattr(config, "qkv_bias", False)))
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        # Set by the proposer before each forward; None (dummy/profile runs) means no image anywhere.
-        self.row_inputs: ViSpecRowInputs | None = None
+        # What each input row is, filled in place by the proposer before every forward (the row
+        # plan, vispec_vllm/row_plan.py); the forward reads the first `rows` entries. Sized like
+        # vLLM's EAGLE input buffers (max_num_batched_tokens rows), so a captured forward reads
+        # them at fixed addresses. Not weights: absent from the checkpoint and from load_weights.
+        # All zero (no image anywhere) until the proposer first fills them, and in dummy runs.
+        max_rows = vllm_config.scheduler_config.max_num_batched_tokens
+        dtype = vllm_config.model_config.dtype
+        # g fused into each row through img_fc (zero: no image before the row)
+        self.register_buffer("global_image_feature", torch.zeros(max_rows, self.hidden_size, dtype=dtype),
+                             persistent=False)
+        # the adaptor's compressed token that replaces a compressed row's layer input
+        self.register_buffer("compressed_token", torch.zeros(max_rows, self.hidden_size, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("is_compressed_row", torch.zeros(max_rows, dtype=torch.bool), persistent=False)
+        # image rows hidden from every query through the key-mask channel (see ViSpecAttention)
+        self.register_buffer("is_dropped_row", torch.zeros(max_rows, dtype=torch.bool), persistent=False)
 
     @property
     def num_q(self) -> int:
@@ -207,49 +209,45 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
+    def clear_row_inputs(self) -> None:
+        """No image anywhere: what dummy and profile runs see."""
+        for buffer in (self.global_image_feature, self.compressed_token, self.is_compressed_row, self.is_dropped_row):
+            buffer.zero_()
+
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # No data-dependent branch: every row takes the same ops, whatever the row buffers hold
+        # (a CUDA graph of this forward replays correctly after the buffers are refilled).
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
         rows = inputs_embeds.shape[0]
-        row_inputs = self.row_inputs
-        if row_inputs is None:
-            global_image_feature = hidden_states.new_zeros(rows, self.hidden_size)
-        else:
-            global_image_feature = row_inputs.global_image_feature[:rows]
-        fused_hidden = self.model.img_fc(torch.cat((hidden_states, global_image_feature), dim=-1))
+        fused_hidden = self.model.img_fc(torch.cat((hidden_states, self.global_image_feature[:rows]), dim=-1))
         layer_input = self.model.fc(torch.cat((inputs_embeds, fused_hidden), dim=-1))
-        is_dropped_row = None
-        if row_inputs is not None and row_inputs.is_compressed_row is not None:
-            layer_input = torch.where(row_inputs.is_compressed_row[:rows, None],
-                                      row_inputs.compressed_tokens[:rows].to(layer_input.dtype), layer_input)
-            is_dropped_row = row_inputs.is_dropped_row[:rows]
-        out = self.model.layers[0](positions, layer_input, is_dropped_row)
+        layer_input = torch.where(self.is_compressed_row[:rows, None], self.compressed_token[:rows], layer_input)
+        out = self.model.layers[0](positions, layer_input, self.is_dropped_row[:rows])
         return out, out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Published names -> module names; q/k/v and gate/up are stacked as in vLLM's Llama."""
-        stacked = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
-                   (".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]
+        """Published names -> module parameters by the checkpoint format's declarative mapping
+        (`model.` prefix, q/k/v and gate/up stacked as in vLLM's Llama). Tensors the checkpoint
+        validator reported as unused (`vispec_ignored_weights`) are skipped."""
+        ignored = set(getattr(self.config, "vispec_ignored_weights", None) or ())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        for name, tensor in weights:
-            if not name.startswith("imadpt."):
-                name = "model." + name
+        for published_name, tensor in weights:
+            if published_name in ignored:
+                continue
+            name, shard = PARAMETER_NAME_MAPPING.map(published_name)
             process_eagle_weight(self, name)
-            for fused, part, shard in stacked:
-                if part in name and not name.startswith("imadpt."):
-                    fused_name = name.replace(part, fused)
-                    params[fused_name].weight_loader(params[fused_name], tensor, shard)
-                    loaded.add(fused_name)
-                    break
-            else:
-                param = params[name]
+            param = params[name]
+            if shard is None:
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
+            else:
+                param.weight_loader(param, tensor, shard)
+            loaded.add(name)
         if not self.has_own_embed_tokens:
             # vLLM's EAGLE loader then shares the target's input embedding with the draft.
             logger.warning("ViSpec draft checkpoint has no embed_tokens; using the target's input embedding")

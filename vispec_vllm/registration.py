@@ -10,8 +10,11 @@ def register_with_vllm() -> None:
 
     from vispec_vllm.patches import (
         acceptance_feedback,
+        cpu_sampling_fallbacks,
+        eagle_chunk_boundary,
         eagle_proposer,
         image_limits,
+        image_state_metrics,
         model_runner_choice,
         request_kind_metrics,
         serve_flags,
@@ -29,3 +32,7 @@ def register_with_vllm() -> None:
     image_limits.apply()
     request_kind_metrics.apply()
     acceptance_feedback.apply()
+    image_state_metrics.apply()  # its worker part: ViSpecProposer, on its runner's class
+    # vLLM's own bugs, fixed for every speculative method (not only ViSpec drafts).
+    cpu_sampling_fallbacks.apply()
+    eagle_chunk_boundary.apply()

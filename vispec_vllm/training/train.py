@@ -1,4 +1,4 @@
-"""Training ViSpec drafts (vispec-method.md §4): stage 1 (plain EAGLE-style draft, text rows only)
+"""Training ViSpec drafts (docs/method.md §5): stage 1 (plain EAGLE-style draft, text rows only)
 and stage 2 (ViSpec: vision adaptor, img_fc, multi-step unrolling on the draft's own outputs).
 
 Both stages read the records of `train_data.py` and write checkpoints in the published format
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,10 +20,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from vispec_vllm.tiny_models import DraftDims, vispec_draft_config
-from vispec_vllm.train_data import load_records
-
-EAGLE_KEYS = ("embed_tokens.", "layers.0.", "fc.")  # what a stage-1 (plain EAGLE) checkpoint holds
+from vispec_vllm.checkpoint_format import (
+    CONFIG_FILE,
+    FAMILY_QKV_BIAS,
+    LLAMA,
+    WEIGHT_FILES,
+    DraftDims,
+    draft_config,
+    eagle_shapes,
+    published_shapes,
+    target_family,
+)
+from vispec_vllm.row_plan import ImageSpans, plan_rows
+from vispec_vllm.training.data import load_records
 
 
 @dataclass
@@ -127,6 +136,14 @@ class ImageAdaptor(nn.Module):
         return self.o_proj(out.transpose(0, 1).reshape(self.q.shape[0], -1))
 
 
+def image_runs(image_mask: torch.Tensor) -> ImageSpans:
+    """The images of one training sequence: maximal runs [offset, offset + length) of placeholder tokens."""
+    edges = torch.diff(image_mask.bool().to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                       append=torch.zeros(1, dtype=torch.int8))
+    offset, end = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+    return ImageSpans(torch.zeros_like(offset), offset, end - offset)
+
+
 class ViSpecTrainingDraft(nn.Module):
     """The ViSpec draft for training; parameter names are the published checkpoint's."""
 
@@ -157,33 +174,21 @@ class ViSpecTrainingDraft(nn.Module):
         if not use_vision:
             out = self.layers[0](self.fc(torch.cat([next_embeds, hidden[:rows]], -1)), torch.arange(rows))
             return out, torch.ones(rows, dtype=torch.bool)
-        image_mask = record["image_mask"].bool()
+        # Which rows are dropped, compressed, or fuse which image's g: the row plan over the whole
+        # sequence (one window [0, rows)), shared with the runtime proposer.
+        spans = image_runs(record["image_mask"])
         embeds = record["inputs_embeds"].float()
-        g_rows = torch.zeros(rows, hidden.shape[-1])
-        kept = torch.ones(rows, dtype=torch.bool)
-        compressed_rows: list[int] = []
-        compressed_tokens: list[torch.Tensor] = []
-        # Image runs [start, end) of consecutive placeholder tokens.
-        edges = torch.diff(image_mask.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
-                           append=torch.zeros(1, dtype=torch.int8))
-        for start, end in zip(torch.nonzero(edges == 1).flatten().tolist(),
-                              torch.nonzero(edges == -1).flatten().tolist(), strict=True):
-            adapted = self.imadpt(embeds[start:end])
-            first_row, end_row = max(start - 1, 0), end - 1  # image rows [start-1, end-1)
-            num_compressed = adapted.shape[0] - 1
-            kept[first_row:end_row] = False
-            for j in range(num_compressed):
-                row = end_row - num_compressed + j
-                if row >= first_row:
-                    compressed_rows.append(row)
-                    compressed_tokens.append(adapted[j])
-            g_rows[end_row:] = adapted[-1]  # later text rows fuse this image's g (until the next image)
-        fused = self.img_fc(torch.cat([hidden[:rows], g_rows], -1))
+        adapted = [self.imadpt(embeds[offset:offset + length])
+                   for offset, length in zip(spans.offset.tolist(), spans.length.tolist(), strict=True)]
+        plan = plan_rows(spans, self.imadpt.q.shape[0], torch.tensor([0, rows]), torch.tensor([0]))
+        zero = hidden.new_zeros(1, hidden.shape[-1])  # index -1 of both tables: no image
+        global_features = torch.cat([a[-1:] for a in adapted] + [zero])
+        compressed_tokens = torch.cat([a[:-1] for a in adapted] + [zero])
+        fused = self.img_fc(torch.cat([hidden[:rows], global_features[plan.global_feature_source]], -1))
         layer_inputs = self.fc(torch.cat([next_embeds, fused], -1))
-        if compressed_rows:
-            index = torch.tensor(compressed_rows)
-            layer_inputs = layer_inputs.index_put((index,), torch.stack(compressed_tokens))
-            kept[index] = True
+        layer_inputs = torch.where((plan.compressed_index >= 0)[:, None], compressed_tokens[plan.compressed_index],
+                                   layer_inputs)
+        kept = ~plan.is_dropped
         positions = torch.arange(rows)[kept]
         out = torch.zeros(rows, hidden.shape[-1])
         out[kept] = self.layers[0](layer_inputs[kept], positions)
@@ -213,12 +218,12 @@ def draft_loss(out: torch.Tensor, rows: torch.Tensor, target_next_hidden: torch.
 
 def read_target(target_dir: Path) -> tuple[DraftDims, str, dict, torch.Tensor, torch.Tensor]:
     """Draft dims, family, text config, input embedding and lm_head of a target checkpoint."""
-    config = json.loads((target_dir / "config.json").read_text())
+    config = json.loads((target_dir / CONFIG_FILE).read_text())
     text = config.get("text_config", config)
-    family = "qwen2_5_vl" if config["model_type"].startswith("qwen") else "llava"
+    family = target_family(config["model_type"]) or LLAMA  # a target of another type gets a Llama draft
     heads = text["num_attention_heads"]
     dims = DraftDims(text["hidden_size"], heads, text["hidden_size"] // heads, text["intermediate_size"],
-                     text["vocab_size"], family == "qwen2_5_vl")
+                     text["vocab_size"], FAMILY_QKV_BIAS[family])
     weights = load_file(target_dir / "model.safetensors")
     embed = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight") and "vision" not in k)
     lm_head = next(v for k, v in weights.items() if k.endswith("lm_head.weight"))
@@ -226,15 +231,16 @@ def read_target(target_dir: Path) -> tuple[DraftDims, str, dict, torch.Tensor, t
 
 
 def save_draft(model: ViSpecTrainingDraft, out_dir: Path, dims: DraftDims, family: str, cfg: TrainConfig) -> None:
-    """Published format; a stage-1 draft keeps only the plain EAGLE weights."""
+    """The published format (vispec_vllm/checkpoint_format.py); a stage-1 draft holds only the EAGLE
+    part, which vLLM serves as plain EAGLE."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if cfg.stage == 1:
-        state = {k: v for k, v in state.items() if k.startswith(EAGLE_KEYS)}
-    config = vispec_draft_config(dims, family)
-    config["bias"] = cfg.fc_bias
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    published = replace(dims, num_q=cfg.num_q, has_bias=cfg.fc_bias)
+    names = eagle_shapes(published) if cfg.stage == 1 else published_shapes(published)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    if set(state) != set(names):
+        raise RuntimeError(f"training draft lacks published weights: {sorted(set(names) - set(state))}")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(draft_config(published, family), indent=2) + "\n")
+    save_file(state, out_dir / WEIGHT_FILES[0], metadata={"format": "pt"})
     (out_dir / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
 
@@ -284,7 +290,7 @@ def train_draft(target_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
             record = records[index]
             hidden = record["hidden_states"].float()
             length = len(record["input_ids"])
-            # Row i is supervised when x_{i+2} was generated by the target (§4.3).
+            # Row i is supervised when x_{i+2} was generated by the target (docs/method.md §5.3).
             rows = torch.zeros(length - 1, dtype=torch.bool)
             rows[: length - 2] = record["loss_mask"][2:].bool()
             target_next_hidden = torch.cat([hidden[1:], hidden[-1:]])[: length - 1]

@@ -1,5 +1,5 @@
 """The shipped demo pair: a small LLaVA-layout target trained from scratch on synthetic scenes
-(`vispec_vllm.scenes`), its ViSpec draft, and two drafts trained with the same budget for
+(`vispec_vllm.demo.scenes`), its ViSpec draft, and two drafts trained with the same budget for
 comparison: plain EAGLE-style (no adaptor, no global image feature) and ViSpec with the adaptor
 held at zero (ablation). `vispec-vllm build-demo DIR` reproduces them."""
 

@@ -7,7 +7,7 @@
    - vispec:            stage 1 for `epochs`, then stage 2 (ViSpec) for `epochs`,
    - vispec-no-adaptor: the same stage 2 with the adaptor held at zero (ablation).
 Training writes float32 under OUT_DIR/fp32/; the fp16 copies beside them (OUT_DIR/scene-llava,
-OUT_DIR/scene-llava-<draft>) are what vispec_vllm/demo_models/ ships.
+OUT_DIR/scene-llava-<draft>) are what vispec_vllm/demo/models/ ships.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ STAGE2_LR = 5e-4
 
 def build_demo(out_dir: str | Path, target_minutes: float = 12.0, num_samples: int = DEMO_SAMPLES,
                epochs: int = DEMO_EPOCHS) -> dict[str, Path]:
-    from vispec_vllm.demo_target import train_demo_target
-    from vispec_vllm.train import TrainConfig, train_draft
-    from vispec_vllm.train_data import generate_training_data, scene_prompts
+    from vispec_vllm.demo.target import train_demo_target
+    from vispec_vllm.training.data import generate_training_data, scene_prompts
+    from vispec_vllm.training.train import TrainConfig, train_draft
 
     out_dir = Path(out_dir)
     work = out_dir / "fp32"

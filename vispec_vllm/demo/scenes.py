@@ -1,6 +1,6 @@
 """Synthetic scenes made by code: images of coloured shapes with long, image-dependent texts.
 
-The demo target (`vispec_vllm.demo_target`) is trained from scratch on these scenes, so that a
+The demo target (`vispec_vllm.demo.target`) is trained from scratch on these scenes, so that a
 vision-language model small enough for a 2-core CPU still says things a text-only model cannot
 guess: which colours and shapes are in the picture, where they are, how big, how many.
 

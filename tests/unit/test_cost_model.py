@@ -14,11 +14,7 @@ from vispec_vllm import speculation_schedule
 from vispec_vllm.cost_model import (
     H100,
     H200,
-    QWEN2_5_3B,
-    QWEN2_5_7B,
     THIS_CPU,
-    VICUNA_7B,
-    VICUNA_13B,
     AcceptanceCurve,
     derive_schedule,
     draft_forward_time,
@@ -28,14 +24,16 @@ from vispec_vllm.cost_model import (
 )
 from vispec_vllm.speculation_schedule import DEFAULT_ACCEPTANCE_RATE, AdaptiveSchedule
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+# The benchmarks' modules: the catalogue of real targets (target_shapes) and the fit (cost_model).
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+from target_shapes import QWEN2_5_3B, QWEN2_5_7B, VICUNA_7B, VICUNA_13B  # noqa: E402
 
 
 @pytest.mark.parametrize(("shape", "draft_layer_millions", "total_billions"), [
     (VICUNA_7B, 202.4, 6.74), (VICUNA_13B, 317.2, 13.0), (QWEN2_5_3B, 84.4, 3.09), (QWEN2_5_7B, 255.1, 7.62)])
 def test_shapes_match_the_reference_parameter_counts(shape, draft_layer_millions, total_billions):
-    # vispec-method.md section 2 (the draft's layer 0, MHA even for Qwen) and anchors.md section 5.
+    # docs/method.md §4.4 (the draft's layer 0, MHA even for Qwen; the targets' language models).
     assert round(shape.draft_layer().layer_params() / 1e6, 1) == draft_layer_millions
     embedding = 0 if shape.tie_word_embeddings else shape.hidden_size * shape.vocab_size
     assert (shape.decoder_params() + embedding) / 1e9 == pytest.approx(total_billions, rel=0.01)
@@ -151,7 +149,7 @@ def test_shipped_constants_are_the_refit_to_committed_measurements():
 
     import cost_model as benchmark
 
-    from vispec_vllm.demo_models import DEMO_TARGET
+    from vispec_vllm.demo.models import DEMO_TARGET
 
     _, h100_rows = benchmark.load_step_times(benchmark.RESULTS / "step_times_h100.json")
     assert not benchmark.constants_agree(benchmark.fit_gpu(h100_rows, H100), H100,

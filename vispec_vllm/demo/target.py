@@ -1,14 +1,14 @@
 """A demo vision-language target trained from scratch on synthetic scenes, small enough for a CPU.
 
-The tiny targets of `vispec_vllm.tiny_models` have random weights, so what they say does not
+The tiny targets of `vispec_vllm.factory.tiny_models` have random weights, so what they say does not
 depend on the image and a ViSpec draft has nothing to learn. This module trains a LLaVA-1.5 model
 (a 3-layer CLIP tower on 96x96 images in 16-pixel patches, i.e. 36 image tokens, a projector, and
-a 4-layer Llama of hidden size 128; 1.85M parameters) on `vispec_vllm.scenes` for a fixed number of
+a 4-layer Llama of hidden size 128; 1.85M parameters) on `vispec_vllm.demo.scenes` for a fixed number of
 minutes on one CPU core, and saves it in the llava-hf layout that vLLM serves (fp32, 7.4 MB).
 After the default 12 minutes its greedy descriptions of held-out scenes name every object's size,
 colour, shape and place, which a text-only model cannot guess.
 
-    python -m vispec_vllm.demo_target OUT_DIR [--minutes 12] [--seed 0] [--eval-images 20]
+    python -m vispec_vllm.demo.target OUT_DIR [--minutes 12] [--seed 0] [--eval-images 20]
 
 Training checkpoints (`OUT_DIR/train_state/state.pt`: model, probe and optimizer) are written
 every two minutes, together with a servable export of the model in OUT_DIR; running the command
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vispec_vllm.scenes import (
+from vispec_vllm.demo.scenes import (
     COLOURS,
     GRID,
     IMAGE_SIZE,
@@ -40,14 +40,14 @@ from vispec_vllm.scenes import (
     scene_texts,
     train_seed_stream,
 )
-from vispec_vllm.tiny_models import (
+from vispec_vllm.factory.hf_targets import (
     LLAVA_CHAT_TEMPLATE,
     LLAVA_SPECIAL_TOKENS,
-    _clip_vision_config,
-    _llama_text_config,
-    _save_target,
-    _to_llava_hf_layout,
     build_bpe_tokenizer,
+    clip_vision_config,
+    llama_text_config,
+    save_target,
+    to_llava_hf_layout,
 )
 
 VOCAB_SIZE = 1024
@@ -85,10 +85,10 @@ def build_demo_target(seed: int = 0):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = build_scene_tokenizer()
-    text_config = {**_llama_text_config(tok), **TEXT_DIMS, "vocab_size": VOCAB_SIZE}
+    text_config = llama_text_config(tok, vocab_size=VOCAB_SIZE, **TEXT_DIMS)
     text_config["head_dim"] = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
     vision_config = {
-        **_clip_vision_config(),
+        **clip_vision_config(),
         **VISION_DIMS,
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH_SIZE,
@@ -220,7 +220,7 @@ def _learning_rate(progress: float) -> float:
 def _export(model, processor, out_dir: Path) -> None:
     """Write the servable model (llava-hf layout, fp32) to `out_dir`."""
     model.generation_config.max_new_tokens = 160
-    _save_target(model, processor, out_dir, _to_llava_hf_layout(model.state_dict()))
+    save_target(model, processor, out_dir, to_llava_hf_layout(model.state_dict()))
 
 
 def _checkpoint(model, probe, optimizer, processor, out_dir: Path, step: int, seen: int, elapsed: float) -> None:

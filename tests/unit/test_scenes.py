@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from vispec_vllm.scenes import (
+from vispec_vllm.demo.scenes import (
     COLOURS,
     DESCRIBE_PROMPT,
     GRID,
@@ -129,13 +129,13 @@ def test_train_and_held_out_seeds_are_disjoint():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from vispec_vllm.demo_target import build_scene_tokenizer
+    from vispec_vllm.demo.target import build_scene_tokenizer
 
     return build_scene_tokenizer()
 
 
 def test_scene_texts_tokenize_within_the_vocabulary(tokenizer):
-    from vispec_vllm.demo_target import VOCAB_SIZE
+    from vispec_vllm.demo.target import VOCAB_SIZE
 
     assert len(tokenizer) == VOCAB_SIZE
     texts = list(scene_texts(held_out_seeds(100)))
@@ -160,7 +160,7 @@ def test_chat_template_renders_the_image_token(tokenizer):
 
 def test_tokenizer_is_rebuilt_identically(tokenizer):
     """A resumed training run rebuilds the tokenizer; it must give the same ids."""
-    from vispec_vllm.demo_target import build_scene_tokenizer
+    from vispec_vllm.demo.target import build_scene_tokenizer
 
     assert build_scene_tokenizer().get_vocab() == tokenizer.get_vocab()
 
@@ -168,7 +168,7 @@ def test_tokenizer_is_rebuilt_identically(tokenizer):
 def test_training_labels_cover_only_the_answers():
     """Training ids equal what the LLaVA processor (and so vLLM) feeds the model, and only the
     assistant's answers (with their end-of-turn token) are trained on."""
-    from vispec_vllm.demo_target import NUM_IMAGE_TOKENS, build_demo_target, encode_conversation
+    from vispec_vllm.demo.target import NUM_IMAGE_TOKENS, build_demo_target, encode_conversation
 
     _, processor = build_demo_target()
     scene = make_scene(3)

@@ -1,5 +1,5 @@
 """Training data for ViSpec drafts: the target answers image prompts, and we record what the
-draft trains on (vispec-method.md §4.2).
+draft trains on (docs/method.md §5.2).
 
 Per sample, aligned by token position j over the whole sequence (prompt + generated answer):
     input_ids       [L]     x_j
@@ -146,8 +146,8 @@ def prompts_from_conversations(conversations: Sequence[list[dict]]) -> PromptFac
 
 
 def scene_prompt(scene_seed: int) -> list[dict]:
-    """The describe prompt for one synthetic scene (vispec_vllm.scenes), as vLLM chat messages."""
-    from vispec_vllm.scenes import DESCRIBE_PROMPT, make_scene
+    """The describe prompt for one synthetic scene (vispec_vllm.demo.scenes), as vLLM chat messages."""
+    from vispec_vllm.demo.scenes import DESCRIBE_PROMPT, make_scene
 
     image = make_scene(scene_seed).image
     return [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
@@ -156,7 +156,7 @@ def scene_prompt(scene_seed: int) -> list[dict]:
 
 def scene_prompts(seed: int = 0, held_out: bool = False) -> PromptFactory:
     """Sample i -> the describe prompt of a training scene (or of held-out scene i)."""
-    from vispec_vllm.scenes import HELD_OUT_START
+    from vispec_vllm.demo.scenes import HELD_OUT_START
 
     if held_out:
         return lambda i: scene_prompt(HELD_OUT_START + i)

@@ -1,0 +1,158 @@
+"""What the benchmark scripts share: where results go, the machine's description, held-out prompts,
+servers started side by side, Prometheus parsing, summary statistics and the JSON + PNG writer.
+
+Importing this module does nothing but define names: no environment variable is set, and vLLM,
+torch and the plugin's tooling are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+# Text-only requests beside the image ones (acceptance and proposer benchmarks).
+TEXT_PROMPTS = [
+    "Describe a picture with a red circle on the left and a blue square on the right.",
+    "What shapes can appear in these pictures, and in which colours?",
+    "Tell me about a large green triangle above a small yellow star.",
+    "Count three purple circles and one orange square.",
+]
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (vLLM CPU backend)"
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out scenes
+
+
+def held_out_scene_seed(index: int, seed: int = 0) -> int:
+    """Scene seed of held-out request `index`; a different `seed` gives a disjoint set of scenes."""
+    from vispec_vllm.demo.scenes import HELD_OUT_START
+
+    return HELD_OUT_START + seed * 100_000_000 + index
+
+
+def write_scene_images(directory: Path, scene_seeds: Iterable[int]) -> list[Path]:
+    """One PNG per scene seed (the demo pair's synthetic scenes), named by seed."""
+    from vispec_vllm.demo.scenes import make_scene
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for scene_seed in scene_seeds:
+        path = directory / f"scene-{scene_seed}.png"
+        if not path.exists():
+            make_scene(scene_seed).image.save(path)
+        paths.append(path)
+    return paths
+
+
+def describe_prompt() -> str:
+    from vispec_vllm.demo.scenes import DESCRIBE_PROMPT
+
+    return DESCRIBE_PROMPT
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+
+
+def start_servers(stack: contextlib.ExitStack, setups: dict[str, tuple[list[str], dict[str, str]]], model: Path,
+                  log_dir: Path, startup_timeout_s: float = 600.0) -> dict:
+    """`vllm serve` processes on 127.0.0.1 (vispec_vllm.demo.server), one per set-up name ->
+    (extra serve args, extra environment), launched side by side and then waited for. `stack`
+    stops each one by its own PID when it closes."""
+    from vispec_vllm.demo.server import VLLMServer
+
+    servers = {}
+    for name, (serve_args, env) in setups.items():
+        server = VLLMServer(model, serve_args, log_path=log_dir / f"{name}.log", startup_timeout_s=startup_timeout_s,
+                            env=env)
+        stack.callback(server.stop)
+        servers[name] = server.launch()
+    for server in servers.values():
+        server.wait_until_healthy()
+    return servers
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples (over labels such as the engine index)."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
+    return sum(float(value) for value in pattern.findall(metrics_text))
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation between order statistics."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    position = q * (len(ordered) - 1)
+    lo, hi = math.floor(position), math.ceil(position)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
+
+
+def spread(values: Sequence[float | None]) -> tuple[float | None, float | None, float | None]:
+    """(min, median, max) of the values that exist; (None, None, None) when none do."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, None
+    return min(present), statistics.median(present), max(present)
+
+
+def spread_fields(name: str, values: Sequence[float | None]) -> dict:
+    """{name: median, name_min: ..., name_max: ...} over repeats."""
+    lo, median, hi = spread(values)
+    return {name: median, f"{name}_min": lo, f"{name}_max": hi}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def write_json(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_report(report: dict, out: Path, plot_report: Callable[[dict, Path], None]) -> None:
+    """The JSON at `out` and, beside it, the plot as PNG."""
+    write_json(report, out)
+    plot_report(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def format_duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{seconds:.0f} s" if minutes < 2 else f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"

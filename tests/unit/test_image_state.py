@@ -1,0 +1,157 @@
+"""The proposer's image state (capacity, eviction, the state log line) and the route of its miss
+count to /metrics (patches/image_state_metrics.py), without an engine."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vispec_vllm.proposer import (
+    IMAGE_STATE_CAPACITY_ENV,
+    NOT_SETTLED,
+    CompressedImage,
+    ViSpecProposerState,
+    image_state_capacity,
+)
+
+HIDDEN = 8
+
+
+def state(capacity: int) -> ViSpecProposerState:
+    return ViSpecProposerState(capacity, max_batch_size=4, hidden_size=HIDDEN, dtype=torch.float32,
+                               device=torch.device("cpu"))
+
+
+def image(value: float) -> CompressedImage:
+    return CompressedImage(torch.full((1, HIDDEN), value), torch.full((HIDDEN,), value))
+
+
+def test_capacity_from_the_environment(monkeypatch):
+    monkeypatch.delenv(IMAGE_STATE_CAPACITY_ENV, raising=False)
+    assert image_state_capacity(max_num_seqs=8) == 4096
+    assert image_state_capacity(max_num_seqs=1024) == 8 * 1024
+    monkeypatch.setenv(IMAGE_STATE_CAPACITY_ENV, "3")
+    assert image_state_capacity(max_num_seqs=8) == 3
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(IMAGE_STATE_CAPACITY_ENV, bad)
+        with pytest.raises(ValueError, match=IMAGE_STATE_CAPACITY_ENV):
+            image_state_capacity(max_num_seqs=8)
+
+
+def test_least_recently_used_image_is_evicted():
+    images = state(capacity=2)
+    images.remember("a", image(1))
+    images.remember("b", image(2))
+    assert images.lookup("a") is not None  # "a" is now the most recently used
+    images.remember("c", image(3))
+    assert list(images.images) == ["a", "c"]
+    assert images.lookup("b") is None
+    images.remember("d", image(4))
+    assert list(images.images) == ["c", "d"]
+    assert float(images.lookup("c").global_image_feature[0]) == 3.0
+
+
+def test_state_line_counts_tensors_and_misses():
+    images = state(capacity=4)
+    images.remember("a", image(1))
+    images.remember("b", image(2))
+    images.settle(0, "request-1", 10, torch.ones(HIDDEN))
+    images.image_state_misses = 3
+    line = images.summary()
+    assert "1 requests with image state" in line and "2 cached images (capacity 4)" in line
+    assert "5 cached tensors" in line and "3 image-state misses" in line
+    assert images.take_new_image_state_misses() == 3
+    images.image_state_misses += 2
+    assert images.take_new_image_state_misses() == 2
+    assert images.take_new_image_state_misses() == 0
+
+
+def test_batch_rows_follow_the_input_batch():
+    rows = state(capacity=4)
+    with_image = SimpleNamespace(mm_features=[SimpleNamespace(modality="image", identifier="x",
+                                                              mm_position=SimpleNamespace(offset=2, length=5))])
+    text_only = SimpleNamespace(mm_features=[])
+    requests = {"r1": with_image, "r2": text_only, "r3": with_image}
+    rows.sync_batch(["r1", "r2", "r3"], requests)
+    assert rows.settled_from[:3].tolist() == [NOT_SETTLED, 0, NOT_SETTLED]  # text only: settled from 0
+    rows.settle(2, "r3", 6, torch.full((HIDDEN,), 7.0))
+    # The batch reorders (vLLM's condense / swap): r3 moves to row 0 and keeps its g.
+    rows.sync_batch(["r3", "r1"], requests)
+    assert rows.settled_from[:2].tolist() == [6, NOT_SETTLED]
+    assert torch.equal(rows.decode_global_image_feature[0], torch.full((HIDDEN,), 7.0))
+    assert not rows.decode_global_image_feature[1].any()
+    # r3 leaves: its state is freed at the next change of the batch.
+    del requests["r3"]
+    rows.sync_batch(["r1"], requests)
+    assert "r3" not in rows.settled
+
+
+# -- the route of the miss count (patches/image_state_metrics.py) --------------------------------
+
+@pytest.fixture(scope="module")
+def metrics_patch():
+    from vispec_vllm.patches import image_state_metrics
+
+    image_state_metrics.apply()
+    return image_state_metrics
+
+
+def test_misses_cross_the_engine_core_to_api_server_message(metrics_patch):
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    stats = SchedulerStats(num_running_reqs=2)
+    setattr(stats, metrics_patch.MISSES_FIELD, 5)
+
+    def round_trip(stats: SchedulerStats) -> SchedulerStats:
+        message = MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=stats))
+        return MsgpackDecoder(EngineCoreOutputs).decode(message).scheduler_stats
+
+    decoded = round_trip(stats)
+    assert getattr(decoded, metrics_patch.MISSES_FIELD) == 5 and decoded.num_running_reqs == 2
+    assert getattr(round_trip(SchedulerStats()), metrics_patch.MISSES_FIELD) == 0
+
+
+def test_misses_flow_from_runner_to_counter(metrics_patch):
+    from prometheus_client import REGISTRY
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    field = metrics_patch.MISSES_FIELD
+    pending = {"misses": 4}
+
+    def take():
+        misses, pending["misses"] = pending["misses"], 0
+        return misses
+
+    # Worker: the step's output carries the misses (and keeps them through pickling).
+    runner = SimpleNamespace(drafter=SimpleNamespace(take_new_image_state_misses=take))
+    sample_tokens = metrics_patch._make_sample_tokens(lambda self: self.next_output)
+    runner.next_output = EMPTY_MODEL_RUNNER_OUTPUT  # shared object: nothing attached, nothing taken
+    sample_tokens(runner)
+    assert not hasattr(EMPTY_MODEL_RUNNER_OUTPUT, field) and pending["misses"] == 4
+    runner.next_output = ModelRunnerOutput(req_ids=["r"], req_id_to_index={"r": 0})
+    output = pickle.loads(pickle.dumps(sample_tokens(runner)))
+    assert getattr(output, field) == 4 and pending["misses"] == 0
+
+    # Engine core: summed over steps, handed to the next stats, then reset.
+    scheduler = SimpleNamespace()
+    update = metrics_patch._make_update_from_output(lambda self, scheduler_output, runner_output: {})
+    make_stats = metrics_patch._make_make_stats(lambda self: SchedulerStats())
+    update(scheduler, None, output)
+    update(scheduler, None, output)
+    stats = make_stats(scheduler)
+    assert getattr(stats, field) == 8
+    assert getattr(make_stats(scheduler), field) == 0
+
+    # API server: the counter grows by what the stats carry.
+    record = metrics_patch._make_record(lambda self, scheduler_stats, *args, **kwargs: None)
+    record(None, SchedulerStats())  # registers the counter
+    name = f"{metrics_patch.COUNTER_NAME}_total"
+    before = REGISTRY.get_sample_value(name)
+    record(None, stats, None)
+    assert REGISTRY.get_sample_value(name) == before + 8

@@ -1,0 +1,178 @@
+"""The row plan (vispec_vllm/row_plan.py) against hand-written cases and a naive per-row reference.
+
+The reference below is written straight from the rules, row by row and image by image, with none
+of the code under test: for an image at token positions [o, o+L), image rows are [o-1, o+L-1), the
+last num_q-1 of them hold the compressed tokens and the others are dropped; rows from o+L-1 until
+the next image's first row fuse the image's g; rows before any image fuse zero (-1).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vispec_vllm.row_plan import ImageSpans, plan_rows
+
+Image = tuple[int, int]  # (offset, length)
+
+
+def naive_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int]]):
+    """Per row: (is_dropped, compressed_index, global_feature_source); per request: the following row's source.
+
+    Images are numbered in the order given, request by request.
+    """
+    num_compressed = num_q - 1
+    numbered, index = [], 0
+    for request_images in images:
+        numbered.append([(index + k, offset, length) for k, (offset, length) in enumerate(request_images)])
+        index += len(request_images)
+
+    def row(request: int, pos: int) -> tuple[bool, int, int]:
+        by_offset = sorted(numbered[request], key=lambda image: image[1])
+        for image, offset, length in by_offset:
+            first_row, end_row = offset - 1, offset + length - 1
+            if first_row <= pos < end_row:
+                rows_left = end_row - pos  # 1 for the image's last row
+                if rows_left <= num_compressed:
+                    return False, image * num_compressed + (num_compressed - rows_left), -1
+                return True, -1, -1
+        for k, (image, offset, length) in enumerate(by_offset):
+            next_first_row = by_offset[k + 1][1] - 1 if k + 1 < len(by_offset) else float("inf")
+            if offset + length - 1 <= pos < next_first_row:
+                return False, -1, image
+        return False, -1, -1
+
+    rows = [row(r, pos) for r, (start, end) in enumerate(windows) for pos in range(start, end)]
+    following = [row(r, end)[2] for r, (_, end) in enumerate(windows)]
+    return ([d for d, _, _ in rows], [c for _, c, _ in rows], [g for _, _, g in rows], following)
+
+
+def run_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int]], order: list[int] | None = None):
+    """plan_rows on the same inputs; `order` hands the spans over permuted (indices stay the caller's)."""
+    flat = [(r, offset, length) for r, request_images in enumerate(images) for offset, length in request_images]
+    order = order or list(range(len(flat)))
+    spans = ImageSpans(*(torch.tensor([flat[i][field] for i in order], dtype=torch.long) for field in range(3)))
+    lengths = [end - start for start, end in windows]
+    query_start = torch.tensor([0] + lengths).cumsum(0)
+    plan = plan_rows(spans, num_q, query_start, torch.tensor([start for start, _ in windows]))
+    relabel = torch.tensor(order + [-1])  # position in the permuted table -> the caller's index
+    num_compressed = num_q - 1
+    compressed = plan.compressed_index
+    if num_compressed:
+        image = torch.where(compressed >= 0, compressed // num_compressed, -1)
+        compressed = torch.where(compressed >= 0, relabel[image] * num_compressed + compressed % num_compressed, -1)
+    return (plan.is_dropped.tolist(), compressed.tolist(), relabel[plan.global_feature_source].tolist(),
+            relabel[plan.following_global_feature_source].tolist())
+
+
+def check(images, num_q, windows, order=None):
+    assert run_plan(images, num_q, windows, order) == naive_plan(images, num_q, windows)
+
+
+# -- hand-written cases -------------------------------------------------------------------------
+
+def test_one_image():
+    # Image tokens at positions 3..6: image rows 2..5, the last (5) holds the one compressed token.
+    dropped, compressed, g, following = run_plan([[(3, 4)]], 2, [(0, 10)])
+    assert dropped == [False, False, True, True, True, False, False, False, False, False]
+    assert compressed == [-1, -1, -1, -1, -1, 0, -1, -1, -1, -1]
+    assert g == [-1, -1, -1, -1, -1, -1, 0, 0, 0, 0]
+    assert following == [0]
+
+
+def test_two_adjacent_images():
+    # A at 2..4 (rows 1..3), B at 5..6 (rows 4..5): no row fuses A's g, rows from 6 fuse B's.
+    dropped, compressed, g, following = run_plan([[(2, 3), (5, 2)]], 2, [(0, 8)])
+    assert dropped == [False, True, True, False, True, False, False, False]
+    assert compressed == [-1, -1, -1, 0, -1, 1, -1, -1]
+    assert g == [-1, -1, -1, -1, -1, -1, 1, 1]
+    assert following == [1]
+
+
+def test_image_split_across_prefill_chunks():
+    # Image at 2..9 (rows 1..8); chunks [0, 5) and [5, 12): the compressed row (8) is in the second.
+    first = run_plan([[(2, 8)]], 2, [(0, 5)])
+    second = run_plan([[(2, 8)]], 2, [(5, 12)])
+    assert first == ([False, True, True, True, True], [-1] * 5, [-1] * 5, [-1])
+    assert second == ([True, True, True, False, False, False, False], [-1, -1, -1, 0, -1, -1, -1],
+                      [-1, -1, -1, -1, 0, 0, 0], [0])
+    check([[(2, 8)]], 2, [(0, 5)])
+    check([[(2, 8)]], 2, [(5, 12)])
+
+
+def test_text_only_rows():
+    assert run_plan([[]], 2, [(0, 6)]) == ([False] * 6, [-1] * 6, [-1] * 6, [-1])
+
+
+def test_decode_step_fuses_the_last_image():
+    # Two images in the prompt; a decode step verifying 4 rows long after them.
+    assert run_plan([[(1, 3), (6, 4)]], 2, [(40, 44)]) == ([False] * 4, [-1] * 4, [1] * 4, [1])
+
+
+def test_prefix_cache_hit_window_after_the_image():
+    # The window starts past the image's rows (the prefix cache held them): every row fuses its g.
+    assert run_plan([[(2, 4)]], 2, [(8, 15)]) == ([False] * 7, [-1] * 7, [0] * 7, [0])
+
+
+def test_five_queries_short_image():
+    # num_q=5: four compressed tokens; an image of 3 tokens has 3 image rows: tokens 1, 2, 3.
+    dropped, compressed, g, following = run_plan([[(2, 3)]], 5, [(0, 6)])
+    assert dropped == [False] * 6
+    assert compressed == [-1, 1, 2, 3, -1, -1]
+    assert g == [-1, -1, -1, -1, 0, 0]
+
+
+def test_image_at_position_zero_has_no_row_before_it():
+    # Image at 0..3: its rows are -1..2; row -1 does not exist, so no row is lost but its own.
+    assert run_plan([[(0, 4)]], 2, [(0, 5)]) == ([True, True, False, False, False], [-1, -1, 0, -1, -1],
+                                                  [-1, -1, -1, 0, 0], [0])
+
+
+def test_one_query_drops_every_image_row():
+    assert run_plan([[(2, 3)]], 1, [(0, 6)]) == ([False, True, True, True, False, False], [-1] * 6,
+                                                  [-1, -1, -1, -1, 0, 0], [0])
+
+
+def test_empty_batch_and_bad_input():
+    assert run_plan([], 2, []) == ([], [], [], [])
+    with pytest.raises(ValueError, match="num_q"):
+        plan_rows(ImageSpans.empty(), 0, torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="query_start"):
+        plan_rows(ImageSpans.empty(), 2, torch.tensor([0, 1]), torch.tensor([0, 0]))
+
+
+# -- against the naive reference ----------------------------------------------------------------
+
+@pytest.mark.parametrize("num_q", [2, 5])
+def test_mixed_batch(num_q):
+    images = [
+        [(3, 6)],                  # prefill of a one-image prompt
+        [],                        # text only
+        [(1, 4), (5, 3), (12, 7)],  # three images, two of them adjacent
+        [(2, 9)],                  # decode far after its image
+        [(10, 2), (30, 5)],        # a chunk between two images
+        [(4, 4)],                  # a chunk that ends inside the image
+    ]
+    windows = [(0, 12), (0, 5), (0, 24), (50, 54), (15, 28), (0, 6)]
+    check(images, num_q, windows)
+    check(images, num_q, windows, order=[6, 1, 0, 3, 2, 5, 4, 7])  # spans handed over in another order
+
+
+@pytest.mark.parametrize("num_q", [1, 2, 3, 5])
+def test_random_batches(num_q):
+    rng = random.Random(num_q)
+    for _ in range(200):
+        images, windows = [], []
+        for _ in range(rng.randint(1, 5)):
+            request_images, pos = [], rng.randint(0, 3)
+            for _ in range(rng.randint(0, 3)):
+                length = rng.randint(1, 7)
+                request_images.append((pos, length))
+                pos += length + rng.choice([0, 0, 1, 2, 5])
+            start = rng.randint(0, pos + 3)
+            windows.append((start, start + rng.randint(0, 12)))
+            images.append(request_images)
+        flat = sum(len(i) for i in images)
+        check(images, num_q, windows, order=rng.sample(range(flat), flat))

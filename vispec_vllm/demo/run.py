@@ -1,0 +1,122 @@
+"""The main job (`vispec-vllm demo`, `bash scripts/demo.sh`): serve the shipped demo pair without
+and with ViSpec speculation, on held-out scenes, one request at a time, and write what it measured.
+
+It starts vLLM's OpenAI server on 127.0.0.1 twice (through `vispec-vllm serve`, so it works on
+both vLLM builds), sends the same held-out scene images to each, and compares: identical outputs,
+vLLM's mean acceptance length and the output tokens/s ratio. The numbers go to a JSON file
+(default `benchmarks/results/demo.json`) so that the README can quote them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks/results/demo.json")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    num_requests: int = 8
+    max_tokens: int = 128
+    num_speculative_tokens: int = 3
+    out: Path = DEFAULT_OUT
+    logs_dir: Path = Path.home() / ".cache" / "vispec-vllm"
+
+
+def mean_acceptance_length(metrics_text: str) -> float | None:
+    """vLLM's own definition: 1 + accepted draft tokens / drafts, from the Prometheus counters."""
+    counters: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
+            if line.startswith(name):
+                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    drafts = counters.get("vllm:spec_decode_num_drafts_total", 0.0)
+    if not drafts:
+        return None
+    return 1.0 + counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts
+
+
+def machine_description() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def image_tokens_per_image(target_dir: Path) -> int:
+    """LLaVA-1.5 layout: one token per vision patch."""
+    vision = json.loads((target_dir / "config.json").read_text())["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[float, list[str]]:
+    """Send prompts one at a time (concurrency 1); returns (output tokens per second, answers)."""
+    answers, tokens, started = [], 0, time.monotonic()
+    for content in prompts:
+        status, body = server.chat(content, max_tokens=max_tokens)
+        if status != 200:
+            sys.exit(f"request failed with HTTP {status}: {body}")
+        tokens += body["usage"]["completion_tokens"]
+        answers.append(body["choices"][0]["message"]["content"])
+    return tokens / (time.monotonic() - started), answers
+
+
+def run_demo(options: DemoOptions) -> dict:
+    from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
+    from vispec_vllm.demo.scenes import DESCRIBE_PROMPT, HELD_OUT_START, make_scene
+    from vispec_vllm.demo.server import VLLMServer, image_data_url
+
+    target, draft = DEMO_TARGET, DEMO_DRAFTS["vispec"]
+    scenes = [make_scene(HELD_OUT_START + i) for i in range(options.num_requests)]
+    prompts = [[{"type": "image_url", "image_url": {"url": image_data_url(scene.image)}},
+                {"type": "text", "text": DESCRIBE_PROMPT}] for scene in scenes]
+    common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--limit-mm-per-prompt",
+              '{"image": 1}']
+    spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
+    options.logs_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Demo pair: target {target.name} (trained on synthetic scenes), ViSpec draft {draft.name}, "
+          f"K up to {options.num_speculative_tokens} (load-adaptive); {options.num_requests} held-out scenes, "
+          "one request at a time.")
+    results = {}
+    for mode, extra in (("none", []), ("vispec", ["--speculative-config", json.dumps(spec)])):
+        log = options.logs_dir / f"demo-server-{'vispec' if extra else 'plain'}.log"
+        print(f"Starting vLLM on 127.0.0.1 with the vispec-vllm plugin, speculation: {mode} (log: {log}) ...",
+              flush=True)
+        with VLLMServer(target, common + extra, log_path=log) as server:
+            _run_requests(server, prompts[:1], options.max_tokens)  # warm-up
+            tok_s, answers = _run_requests(server, prompts, options.max_tokens)
+            acceptance = mean_acceptance_length(server.metrics()) if extra else None
+        results[mode] = (tok_s, answers, acceptance)
+        print(f"  {mode}: {tok_s:.1f} output tokens/s", flush=True)
+    (tok_s_none, answers_none, _), (tok_s_vispec, answers_vispec, acceptance) = results["none"], results["vispec"]
+    report = {
+        "machine": machine_description(),
+        "target": target.name,
+        "draft": draft.name,
+        "image_tokens": image_tokens_per_image(target),
+        "k": options.num_speculative_tokens,
+        "adaptive": os.environ.get("VISPEC_VLLM_ADAPTIVE", "1") != "0",
+        "num_requests": options.num_requests,
+        "outputs_identical": answers_none == answers_vispec,
+        "mean_acceptance_length": acceptance,
+        "tok_s_none": tok_s_none,
+        "tok_s_vispec": tok_s_vispec,
+        "speedup": tok_s_vispec / tok_s_none,
+    }
+    print(f"\nHeld-out scene {scenes[0].seed}: {answers_vispec[0]!r}")
+    print(f"Reference description:   {scenes[0].description!r}")
+    print(f"Outputs identical with and without speculation: {report['outputs_identical']}")
+    print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): {acceptance:.2f}")
+    print(f"Speed-up over no speculation on this machine: {report['speedup']:.2f}x "
+          f"({tok_s_vispec:.1f} vs {tok_s_none:.1f} output tokens/s at concurrency 1)")
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"Written: {options.out}")
+    return report
