@@ -14,10 +14,12 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 # Text-only requests beside the image ones (acceptance and proposer benchmarks).
 TEXT_PROMPTS = [
@@ -156,3 +158,24 @@ def pyplot():
 def format_duration(seconds: float) -> str:
     minutes = seconds / 60
     return f"{seconds:.0f} s" if minutes < 2 else f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+# --------------------------------------------------------------------------------------------
+# Earlier versions of the plugin, for before/after measurements
+
+
+def git(tree: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def ensure_worktree(tree: Path, commit: str) -> None:
+    """A detached worktree of `commit` at `tree`, with `vispec_vllm/patches` linked to its top-level
+    `patches/` (the editable install maps that package to this checkout's `patches/` otherwise)."""
+    if not tree.exists():
+        git(CHECKOUT, "worktree", "add", "--detach", str(tree), commit)
+    head = git(tree, "rev-parse", "HEAD")
+    if head != git(CHECKOUT, "rev-parse", commit):
+        raise RuntimeError(f"{tree} is at {head}, not {commit}")
+    link = tree / "vispec_vllm" / "patches"
+    if not link.exists():
+        link.symlink_to(tree / "patches")

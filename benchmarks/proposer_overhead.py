@@ -46,10 +46,13 @@ import time
 from pathlib import Path
 
 from common import (
+    CHECKOUT,
     RESULTS,
     TEXT_PROMPTS,
     describe_prompt,
+    ensure_worktree,
     format_duration,
+    git,
     held_out_scene_seed,
     machine_description,
     percentile,
@@ -58,7 +61,7 @@ from common import (
     write_scene_images,
 )
 
-THIS_TREE = Path(__file__).resolve().parents[1]
+THIS_TREE = CHECKOUT
 BEFORE_COMMIT = "f7cf820"
 BEFORE_TREE = Path("/tmp/vispec-before")
 VERSIONS = ("before", "after")
@@ -257,23 +260,6 @@ def child_main(spec_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The parent: versions, prompts, child processes, summary
-
-
-def git(tree: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def ensure_worktree(tree: Path, commit: str) -> None:
-    """A detached worktree of `commit` at `tree`, with `vispec_vllm/patches` linked to its top-level
-    `patches/` (the editable install maps that package to this checkout's `patches/` otherwise)."""
-    if not tree.exists():
-        git(THIS_TREE, "worktree", "add", "--detach", str(tree), commit)
-    head = git(tree, "rev-parse", "HEAD")
-    if head != git(THIS_TREE, "rev-parse", commit):
-        raise RuntimeError(f"{tree} is at {head}, not {commit}")
-    link = tree / "vispec_vllm" / "patches"
-    if not link.exists():
-        link.symlink_to(tree / "patches")
 
 
 def version_info(tree: Path) -> dict:

@@ -130,9 +130,9 @@ def test_a_prefix_cache_hit_over_the_image_proposes_as_a_cold_run(default_engine
 def test_chunked_prefill_splitting_an_image_proposes_as_each_request_alone(pair, default_engine_runs):
     _, target, draft, conversations = pair
     reference = default_engine_runs[0]
-    # vLLM 0.32.0's EAGLE gives the draft row at the end of a non-final chunk the request's last
+    # vLLM 0.32.0's EAGLE gave the draft row at the end of a non-final chunk the request's last
     # token (its "backup" token) instead of the next prompt token: a wrong draft KV row that only
-    # this comparison sees (outputs stay lossless).
+    # this comparison sees (outputs stay lossless). Fixed in patches/eagle_chunk_boundary.py.
     llm = spec_llm(target, draft, **CHUNKED)
     try:
         chunked, _ = record(llm, conversations)

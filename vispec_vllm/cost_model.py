@@ -113,8 +113,8 @@ H200 = replace(H100, name="H200", memory_bandwidth=4.8e12)
 # runs without speculation, then the per-token share and the draft-forward overhead to ViSpec at a
 # fixed K. Bandwidth and FLOP rate are rough (they barely matter at these sizes).
 THIS_CPU = Hardware("2-core CPU, vLLM CPU backend", 20e9, 100e9, bandwidth_efficiency=1.0, compute_efficiency=1.0,
-                    layer_overhead_s=0.0, step_overhead_s=3.552e-3, draft_forward_overhead_s=1.243e-3,
-                    per_token_overhead_s=0.0772e-3, per_request_overhead_s=0.4163e-3, bytes_per_param=4)
+                    layer_overhead_s=0.0, step_overhead_s=4.997e-3, draft_forward_overhead_s=2.622e-3,
+                    per_token_overhead_s=0.08057e-3, per_request_overhead_s=0.2511e-3, bytes_per_param=4)
 
 
 # --------------------------------------------------------------------------------------------
