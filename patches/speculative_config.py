@@ -47,21 +47,22 @@ def _make_post_init(original_post_init):
 
     def __post_init__(self) -> None:
         from vispec_vllm.checkpoint import (
+            checkpoint_layout,
             load_checkpoint_description,
-            looks_like_plain_eagle,
-            looks_like_vispec,
             validate_against_target,
         )
         from vispec_vllm.checkpoint_format import target_family
 
-        if self.method is None and looks_like_plain_eagle(self.model):
+        # One read of the weight names decides both routings.
+        layout = checkpoint_layout(self.model) if self.method in _ROUTABLE_METHODS else None
+        if self.method is None and layout == "eagle":
             # vLLM would take a draft with no method for a separate `draft_model` and fail on the
             # EAGLE names (no `model.` prefix, no lm_head); its weights say it is plain EAGLE.
             logger.info("vispec-vllm: %s holds a plain EAGLE draft (fc + layer 0, no vision adaptor); "
                         "running it with method 'eagle'", self.model)
             self.method = "eagle"
             return original_post_init(self)
-        if self.method not in _ROUTABLE_METHODS or not looks_like_vispec(self.model):
+        if layout != "vispec":
             return original_post_init(self)
         from vispec_vllm.speculation_schedule import AdaptiveSchedule, adaptive_enabled, describe
 
@@ -73,8 +74,8 @@ def _make_post_init(original_post_init):
         # place), but CUDA-graph capture of it has not been verified on a GPU yet: draft eagerly
         # there, as on CPU, until it is (the proposer logs this once at start-up).
         self.enforce_eager = True
-        draft_fields = {"vispec_num_q": checkpoint.num_q, "qkv_bias": checkpoint.qkv_bias,
-                        "bias": checkpoint.has_bias, "vispec_adaptive_schedule": adaptive,
+        draft_fields = {"vispec_num_q": checkpoint.dims.num_q, "qkv_bias": checkpoint.dims.qkv_bias,
+                        "bias": checkpoint.dims.has_bias, "vispec_adaptive_schedule": adaptive,
                         "vispec_ignored_weights": list(checkpoint.ignored_weights)}
         compose = SpeculativeConfig.compose_draft_hf_overrides
 
@@ -98,7 +99,7 @@ def _make_post_init(original_post_init):
             logger.info("vispec-vllm: load-adaptive speculation (VISPEC_VLLM_ADAPTIVE=0 turns it off), draft tokens "
                         "per running batch size: %s", describe(self.num_speculative_tokens_per_batch_size))
         logger.info("vispec-vllm: %s is a ViSpec draft (num_q=%d); drafting with %s",
-                    checkpoint.directory, checkpoint.num_q, checkpoint.architecture)
+                    checkpoint.directory, checkpoint.dims.num_q, checkpoint.architecture)
 
     return __post_init__
 

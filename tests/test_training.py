@@ -78,7 +78,7 @@ def test_both_stages_lower_loss_and_serve_losslessly(tiny_models, llava_data, tm
     assert set(load_file(stage1 / "model.safetensors")) == {
         "embed_tokens.weight", "fc.weight", *(k for k in load_file(stage2 / "model.safetensors")
                                               if k.startswith("layers.0."))}
-    assert load_checkpoint_description(str(stage2)).num_q == 2  # the published ViSpec format
+    assert load_checkpoint_description(str(stage2)).dims.num_q == 2  # the published ViSpec format
 
     baseline_llm = make_llm(target)
     baseline = chat_tokens(baseline_llm, mixed_conversations())
@@ -105,4 +105,4 @@ def test_torchrun_two_cpu_processes(tiny_models, llava_data, tmp_path):
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "stage2: epoch losses" in result.stdout
-    assert load_checkpoint_description(str(out)).num_q == 2
+    assert load_checkpoint_description(str(out)).dims.num_q == 2

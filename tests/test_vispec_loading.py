@@ -116,7 +116,7 @@ def test_num_q_5_matches_reference(llava, tmp_path):
     embed = load_file(draft / "model.safetensors")["embed_tokens.weight"]
     q5 = tmp_path / "q5"
     write_vispec_draft(q5, DraftDims(128, 4, 32, 256, 512, False), "llama", embed, seed=7, num_q=5)
-    assert load_checkpoint_description(str(q5)).num_q == 5
+    assert load_checkpoint_description(str(q5)).dims.num_q == 5
     recorder, sequence, _ = spec_run(target, q5, baseline)
     reference = ReferenceViSpecDraft(q5, target_lm_head(target))
     images = sorted(recorder.images.values(), key=lambda image: image[0])
@@ -222,8 +222,8 @@ def test_malformed_checkpoint_fails_at_startup_naming_file_and_problem(llava, tm
 def test_checkpoint_description_reads_num_q_from_weights(tiny_models):
     for name, family in (("tiny-llava-vispec", "llama"), ("tiny-qwen2_5_vl-vispec", "qwen2")):
         checkpoint = load_checkpoint_description(str(tiny_models / name))
-        assert (checkpoint.num_q, checkpoint.family) == (2, family)
-        assert checkpoint.qkv_bias == (family == "qwen2")
+        assert (checkpoint.dims.num_q, checkpoint.family) == (2, family)
+        assert checkpoint.dims.qkv_bias == (family == "qwen2")
     config = json.loads((tiny_models / "tiny-llava-vispec" / "config.json").read_text())
     assert "num_q" not in config  # published configs do not carry it
     with pytest.raises(ViSpecCheckpointError, match="not a local directory"):

@@ -36,15 +36,7 @@ class ViSpecCheckpoint:
     directory: Path
     weight_file: Path
     family: str  # "llama" (LLaVA targets) or "qwen2" (Qwen2.5-VL targets)
-    hidden_size: int
-    vocab_size: int
-    num_heads: int
-    head_dim: int
-    intermediate_size: int
-    num_q: int
-    qkv_bias: bool
-    has_bias: bool  # fc / img_fc bias ("bias" config key, default True)
-    has_embed_tokens: bool
+    dims: DraftDims  # what the published shapes are functions of, num_q included
     # Tensors in the file that the draft does not use (a leftover lm_head, a training buffer):
     # the loader skips exactly these.
     ignored_weights: tuple[str, ...] = ()
@@ -52,12 +44,6 @@ class ViSpecCheckpoint:
     @property
     def architecture(self) -> str:
         return VISPEC_ARCHITECTURES[self.family]
-
-    @property
-    def dims(self) -> DraftDims:
-        return DraftDims(self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size, self.vocab_size,
-                         self.qkv_bias, num_q=self.num_q, has_bias=self.has_bias,
-                         has_embed_tokens=self.has_embed_tokens)
 
 
 def resolve_local_dir(model: str) -> Path | None:
@@ -119,16 +105,6 @@ def checkpoint_layout(model: str | None) -> str | None:
     except ViSpecCheckpointError:
         return "vispec"  # a ViSpec-named but broken file is still ours to report clearly
     return weight_layout(names)
-
-
-def looks_like_vispec(model: str | None) -> bool:
-    """True when `model` resolves to a checkpoint whose weights carry a ViSpec adaptor."""
-    return checkpoint_layout(model) == "vispec"
-
-
-def looks_like_plain_eagle(model: str | None) -> bool:
-    """True when `model` resolves to a checkpoint in the plain EAGLE layout (no adaptor)."""
-    return checkpoint_layout(model) == "eagle"
 
 
 def find_non_finite(weight_file: Path, names: list[str]) -> list[str]:
@@ -212,33 +188,22 @@ def load_checkpoint_description(model: str) -> ViSpecCheckpoint:
     if not dims.has_embed_tokens:
         logger.warning("%s has no embed_tokens.weight; the draft will use the target's input embedding",
                        weight_file)
-    return ViSpecCheckpoint(
-        directory=directory,
-        weight_file=weight_file,
-        family=draft_family(config.get("model_type", "llama")),
-        hidden_size=dims.hidden_size,
-        vocab_size=dims.vocab_size,
-        num_heads=num_heads,
-        head_dim=head_dim,
-        intermediate_size=dims.intermediate_size,
-        num_q=num_q,
-        qkv_bias=dims.qkv_bias,
-        has_bias=dims.has_bias,
-        has_embed_tokens=dims.has_embed_tokens,
-        ignored_weights=ignored,
-    )
+    return ViSpecCheckpoint(directory=directory, weight_file=weight_file,
+                            family=draft_family(config.get("model_type", "llama")), dims=dims,
+                            ignored_weights=ignored)
 
 
 def validate_against_target(checkpoint: ViSpecCheckpoint, target_hidden_size: int, target_vocab_size: int,
                             target_family: str | None) -> None:
     """Fail before any KV memory is taken when the draft cannot belong to this target."""
-    if checkpoint.hidden_size != target_hidden_size:
+    dims = checkpoint.dims
+    if dims.hidden_size != target_hidden_size:
         raise ViSpecCheckpointError(
-            f"{checkpoint.weight_file}: draft hidden size {checkpoint.hidden_size} does not match the target's "
+            f"{checkpoint.weight_file}: draft hidden size {dims.hidden_size} does not match the target's "
             f"hidden size {target_hidden_size}")
-    if checkpoint.vocab_size != target_vocab_size:
+    if dims.vocab_size != target_vocab_size:
         raise ViSpecCheckpointError(
-            f"{checkpoint.weight_file}: draft vocab size {checkpoint.vocab_size} does not match the target's "
+            f"{checkpoint.weight_file}: draft vocab size {dims.vocab_size} does not match the target's "
             f"vocab size {target_vocab_size}")
     if target_family is not None and target_family != checkpoint.family:
         raise ViSpecCheckpointError(

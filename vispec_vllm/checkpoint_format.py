@@ -126,7 +126,7 @@ def weight_layout(names: Iterable[str]) -> str | None:
     """"vispec" (adaptor and img_fc present), "eagle" (a plain EAGLE draft: fc.weight and decoder
     layer 0 only, no lm_head, no full-model `model.` names) or None (neither, e.g. a draft LM)."""
     names = set(names)
-    if any(n.startswith("imadpt.") for n in names) and any(n.startswith("img_fc.") for n in names):
+    if all(any(n.startswith(prefix) for n in names) for prefix in VISPEC_PREFIXES):
         return "vispec"
     layer_names = [n for n in names if n.startswith("layers.")]
     is_eagle = (EAGLE_FC in names and bool(layer_names) and all(n.startswith(EAGLE_LAYER_PREFIX) for n in layer_names)

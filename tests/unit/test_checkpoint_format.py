@@ -264,7 +264,7 @@ def test_weight_layout(tiny_models):
     assert checkpoint_layout(str(DEMO_TARGET)) is None
     for name in ("vispec", "vispec-no-adaptor"):
         checkpoint = load_checkpoint_description(str(DEMO_DRAFTS[name]))
-        assert (checkpoint.num_q, checkpoint.has_bias, checkpoint.ignored_weights) == (2, False, ())
+        assert (checkpoint.dims.num_q, checkpoint.dims.has_bias, checkpoint.ignored_weights) == (2, False, ())
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_extra_tensors_are_ignored_with_one_warning(draft, warnings, fmt):
     weight_file = edit(draft, lambda w: {**w, **extra}, fmt)
     checkpoint = load_checkpoint_description(str(draft))
     assert checkpoint.ignored_weights == ("layers.0.self_attn.rotary_emb.inv_freq", "lm_head.weight")
-    assert checkpoint.num_q == 2 and checkpoint.dims == TINY
+    assert checkpoint.dims.num_q == 2 and checkpoint.dims == TINY
     assert len(warnings) == 1
     assert str(weight_file) in warnings[0] and all(name in warnings[0] for name in extra)
 
