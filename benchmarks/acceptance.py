@@ -15,35 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import RESULTS, TEXT_PROMPTS, machine_description, pyplot, write_report
-
-
-def counters(llm) -> tuple[float, float]:
-    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-    return metrics.get("vllm:spec_decode_num_drafts") or 0.0, metrics.get("vllm:spec_decode_num_accepted_tokens") or 0.0
-
-
-def measure(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list], max_tokens: int,
-            ) -> dict[str, float]:
-    from vllm import LLM, SamplingParams
-
-    spec = {"model": str(draft), "num_speculative_tokens": k, **({"method": method} if method else {})}
-    llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
-              distributed_executor_backend="uni", limit_mm_per_prompt={"image": 1}, block_size=32,
-              disable_log_stats=False, speculative_config=spec)
-    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    result = {}
-    try:
-        for kind, conversations in prompts.items():
-            drafts_before, accepted_before = counters(llm)
-            llm.chat(conversations, sampling, use_tqdm=False)
-            drafts, accepted = counters(llm)
-            drafts, accepted = drafts - drafts_before, accepted - accepted_before
-            result[kind] = 1.0 + accepted / drafts if drafts else 1.0
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-    return result
+from common import RESULTS, TEXT_PROMPTS, machine_description, measure_acceptance, pyplot, write_report
 
 
 def plot(report: dict, path: Path) -> None:
@@ -91,8 +63,8 @@ def main() -> None:
     report = {"machine": machine_description(), "target": args.target.name, "runs": []}
     for name, draft in drafts.items():
         for k in args.ks:
-            measured = measure(args.target, Path(draft), "eagle" if name == "eagle" else None, k, prompts,
-                               args.max_tokens)
+            measured = measure_acceptance(args.target, Path(draft), "eagle" if name == "eagle" else None, k, prompts,
+                                          args.max_tokens)
             for kind, value in measured.items():
                 report["runs"].append({"draft": name, "k": k, "prompts": kind, "mean_acceptance_length": value,
                                        "num_requests": args.num_requests})

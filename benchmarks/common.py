@@ -53,24 +53,29 @@ def held_out_scene_seed(index: int, seed: int = 0) -> int:
     return HELD_OUT_START + seed * 100_000_000 + index
 
 
-def write_scene_images(directory: Path, scene_seeds: Iterable[int]) -> list[Path]:
-    """One PNG per scene seed (the demo pair's synthetic scenes), named by seed."""
-    from vispec_vllm.demo.scenes import make_scene
+def scene_module(image_tokens: int = 36):
+    """The synthetic scenes of the demo pair with `image_tokens` per image."""
+    from vispec_vllm.demo.target import RECIPES
 
+    return RECIPES[image_tokens].scenes
+
+
+def write_scene_images(directory: Path, scene_seeds: Iterable[int], image_tokens: int = 36) -> list[Path]:
+    """One PNG per scene seed (the synthetic scenes of the demo pair with `image_tokens` per image),
+    named by seed."""
+    scenes = scene_module(image_tokens)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for scene_seed in scene_seeds:
-        path = directory / f"scene-{scene_seed}.png"
+        path = directory / f"scene-{image_tokens}-{scene_seed}.png"
         if not path.exists():
-            make_scene(scene_seed).image.save(path)
+            scenes.make_scene(scene_seed).image.save(path)
         paths.append(path)
     return paths
 
 
-def describe_prompt() -> str:
-    from vispec_vllm.demo.scenes import DESCRIBE_PROMPT
-
-    return DESCRIBE_PROMPT
+def describe_prompt(image_tokens: int = 36) -> str:
+    return scene_module(image_tokens).DESCRIBE_PROMPT
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +104,41 @@ def metric_value(metrics_text: str, name: str) -> float:
     """Sum of a Prometheus metric's samples (over labels such as the engine index)."""
     pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
     return sum(float(value) for value in pattern.findall(metrics_text))
+
+
+# --------------------------------------------------------------------------------------------
+# Acceptance in an in-process engine
+
+
+def spec_decode_counters(llm) -> tuple[float, float]:
+    """(drafts, accepted draft tokens) so far, from an in-process engine's metrics."""
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    return metrics.get("vllm:spec_decode_num_drafts") or 0.0, metrics.get("vllm:spec_decode_num_accepted_tokens") or 0.0
+
+
+def measure_acceptance(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list],
+                       max_tokens: int, max_images: int = 1) -> dict[str, float]:
+    """vLLM's mean acceptance length (1 + accepted/drafts) of `draft` at K=`k` for each kind of
+    `prompts`, greedy, float32, in-process; the caller sets the in-process environment."""
+    from vllm import LLM, SamplingParams
+
+    spec = {"model": str(draft), "num_speculative_tokens": k, **({"method": method} if method else {})}
+    llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              distributed_executor_backend="uni", limit_mm_per_prompt={"image": max_images}, block_size=32,
+              disable_log_stats=False, speculative_config=spec)
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    result = {}
+    try:
+        for kind, conversations in prompts.items():
+            drafts_before, accepted_before = spec_decode_counters(llm)
+            llm.chat(conversations, sampling, use_tqdm=False)
+            drafts, accepted = spec_decode_counters(llm)
+            drafts, accepted = drafts - drafts_before, accepted - accepted_before
+            result[kind] = 1.0 + accepted / drafts if drafts else 1.0
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return result
 
 
 # --------------------------------------------------------------------------------------------

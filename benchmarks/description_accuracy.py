@@ -1,12 +1,15 @@
-"""How correctly the shipped demo target describes held-out scenes.
+"""How correctly a shipped demo target describes held-out scenes.
 
-    python benchmarks/description_accuracy.py [--num-images 100] [--target DIR]
+    python benchmarks/description_accuracy.py --image-tokens 576   # writes description_accuracy_576.json
+    python benchmarks/description_accuracy.py --image-tokens 36    # writes description_accuracy.json
 
 For each of the first N held-out scenes, the target's greedy description (Hugging Face
-transformers, float32, up to 160 new tokens) is correct when the colour-shape pairs it names are
-exactly the scene's objects: none missed, none made up (`vispec_vllm.demo.target.names_every_object`).
-Writes benchmarks/results/description_accuracy.json: the rate over the first 20 and over all N,
-and every scene's objects, generated text, reference description and verdict.
+transformers, float32, up to the target's longest answer) is correct when the colour-shape pairs it
+names are exactly the scene's objects: none missed, none made up
+(`vispec_vllm.demo.target.names_every_object`). On the rich scenes of the 576-token target it also
+counts the objects whose sentence gives the right place, size, colour, shape and number label.
+Writes the rates over the first 20 and over all N, and every scene's objects, generated text,
+reference description and verdict.
 """
 
 from __future__ import annotations
@@ -16,39 +19,62 @@ from pathlib import Path
 
 from common import RESULTS, machine_description, write_json
 
+OUT = {36: RESULTS / "description_accuracy.json", 576: RESULTS / "description_accuracy_576.json"}
+
 
 def main() -> None:
-    from vispec_vllm.demo.models import DEMO_TARGET
-    from vispec_vllm.demo.scenes import held_out_seeds, make_scene
-    from vispec_vllm.demo.target import generate_descriptions, names_every_object
+    from vispec_vllm.demo.models import DEMO_PAIRS
+    from vispec_vllm.demo.target import RECIPES, generate_descriptions, names_every_object
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=Path, default=DEMO_TARGET)
+    parser.add_argument("--image-tokens", type=int, default=36, choices=sorted(DEMO_PAIRS))
+    parser.add_argument("--target", type=Path, help="default: the shipped target of the regime")
     parser.add_argument("--num-images", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=RESULTS / "description_accuracy.json")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    recipe = RECIPES[args.image_tokens]
+    target = args.target or DEMO_PAIRS[args.image_tokens][0]
+    out = args.out or OUT[args.image_tokens]
+    scenes_module = recipe.scenes
+    per_object = hasattr(scenes_module, "objects_described_correctly")
 
-    seeds = held_out_seeds(args.num_images)
-    texts = generate_descriptions(args.target, seeds)
+    seeds = scenes_module.held_out_seeds(args.num_images)
+    texts = generate_descriptions(target, seeds, recipe=recipe)
     scenes = []
     for seed, text in zip(seeds, texts, strict=True):
-        scene = make_scene(seed)
-        scenes.append({"seed": seed, "objects": [f"{obj.size} {obj.colour} {obj.shape}" for obj in scene.objects],
-                       "generated": text, "reference": scene.description,
-                       "correct": names_every_object(text, scene.objects)})
+        scene = scenes_module.make_scene(seed)
+        row = {"seed": seed, "objects": [f"{obj.noun} {obj.label} {obj.place}" if per_object else obj.noun
+                                         for obj in scene.objects],
+               "generated": text, "reference": scene.description,
+               "correct": names_every_object(text, scene.objects)}
+        if per_object:
+            row["objects_fully_correct"] = scenes_module.objects_described_correctly(text, scene.objects)
+            row["objects_named_in_place"] = scenes_module.objects_named_in_place(text, scene.objects)
+        scenes.append(row)
 
     def rate(items: list[dict]) -> float:
         return sum(item["correct"] for item in items) / len(items)
 
     first = scenes[:20]
-    report = {"machine": machine_description(), "target": args.target.name,
-              "command": "python benchmarks/description_accuracy.py",
+    report = {"machine": machine_description(), "target": target.name, "image_tokens": args.image_tokens,
+              "command": f"python benchmarks/description_accuracy.py --image-tokens {args.image_tokens}",
               "criterion": "the colour-shape pairs the greedy description names are exactly the scene's objects",
               "correct_first_20": sum(s["correct"] for s in first), "rate_first_20": rate(first),
-              "correct": sum(s["correct"] for s in scenes), "num_images": len(scenes), "rate": rate(scenes),
-              "scenes": scenes}
-    write_json(report, args.out)
-    print(f"correct: {report['correct_first_20']} of 20, {report['correct']} of {len(scenes)}; wrote {args.out}")
+              "correct": sum(s["correct"] for s in scenes), "num_images": len(scenes), "rate": rate(scenes)}
+    if per_object:
+        total = sum(len(s["objects"]) for s in scenes)
+        report["object_criterion"] = "an object sentence gives the object's place, size, colour, shape and number"
+        report["objects_fully_correct"] = sum(s["objects_fully_correct"] for s in scenes)
+        report["num_objects"] = total
+        report["object_rate"] = report["objects_fully_correct"] / total
+        report["placed_criterion"] = "an object sentence names the object's colour and shape at its place"
+        report["objects_named_in_place"] = sum(s["objects_named_in_place"] for s in scenes)
+        report["placed_rate"] = report["objects_named_in_place"] / total
+    report["scenes"] = scenes
+    write_json(report, out)
+    print(f"correct: {report['correct_first_20']} of 20, {report['correct']} of {len(scenes)}"
+          + (f"; objects fully correct {report['objects_fully_correct']} of {report['num_objects']}, named in "
+             f"place {report['objects_named_in_place']}" if per_object else "") + f"; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from common import (
     write_scene_images,
 )
 
-SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "64",
+SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "64",
                "--limit-mm-per-prompt", '{"image": 1}', "--mm-processor-cache-gb", "0"]
 SETUP_NAMES = ("none", "vispec", "vispec-fixed", "eagle")
 # For the duration estimate, from this 2-core machine while shared: two servers were up after ~185 s
@@ -75,11 +75,11 @@ def num_prompts(prompts_per_concurrency: int, concurrency: int) -> int:
     return prompts_per_concurrency * max(4, concurrency)
 
 
-def write_dataset(path: Path, image_dir: Path, scene_seeds: list[int]) -> Path:
+def write_dataset(path: Path, image_dir: Path, scene_seeds: list[int], image_tokens: int) -> Path:
     """The JSONL that `vllm bench serve --dataset-name custom_image` reads: one held-out scene
     image (written as PNG) and the describe prompt per line, each line used exactly once."""
-    prompt = describe_prompt()
-    images = write_scene_images(image_dir, scene_seeds)
+    prompt = describe_prompt(image_tokens)
+    images = write_scene_images(image_dir, scene_seeds, image_tokens)
     path.write_text("".join(json.dumps({"prompt": prompt, "image_files": [str(image)]}) + "\n" for image in images))
     return path
 
@@ -281,12 +281,14 @@ def estimate_duration_s(args: argparse.Namespace, runs: list[str], previous: Pat
 
 
 def main() -> None:
-    from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
+    from vispec_vllm.demo.models import DEMO_PAIRS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=Path, default=DEMO_TARGET)
-    parser.add_argument("--vispec", type=Path, default=DEMO_DRAFTS["vispec"])
-    parser.add_argument("--eagle", default=str(DEMO_DRAFTS["eagle"]), help="plain EAGLE draft ('' for none)")
+    parser.add_argument("--image-tokens", type=int, default=36, choices=sorted(DEMO_PAIRS),
+                        help="which shipped demo pair (and its scenes) unless --target etc. are given")
+    parser.add_argument("--target", type=Path)
+    parser.add_argument("--vispec", type=Path)
+    parser.add_argument("--eagle", help="plain EAGLE draft ('' for none)")
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4,
@@ -304,6 +306,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         vars(args).update(SMOKE)
+    pair_target, pair_drafts = DEMO_PAIRS[args.image_tokens]
+    args.target = args.target or pair_target
+    args.vispec = args.vispec or pair_drafts["vispec"]
+    args.eagle = str(pair_drafts["eagle"]) if args.eagle is None else args.eagle
 
     runs = [name for name in args.runs if name != "eagle" or args.eagle]
     estimate, basis = estimate_duration_s(args, runs, RESULTS / "serve_concurrency.json")
@@ -322,6 +328,7 @@ def main() -> None:
                      "vispec-fixed": ("vispec", False, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "0"}),
                      "eagle": ("eagle", False, eagle_config, {})}
     report = {"machine": machine_description(), "target": args.target.name, "draft": args.vispec.name,
+              "image_tokens": args.image_tokens,
               "num_speculative_tokens": k, "repeats": args.repeats, "output_len": args.output_len,
               "seed": args.seed,
               "prompts": "one held-out scene image + the describe prompt per request, unique per request and per "
@@ -348,7 +355,8 @@ def main() -> None:
         servers = start_servers(servers_running, {name: (SERVER_ARGS + server_setups[name][2], server_setups[name][3])
                                                   for name in runs}, args.target, tmp)
         print(f"{len(servers)} servers up after {time.monotonic() - started:.0f} s", flush=True)
-        warmup = write_dataset(tmp / "warmup.jsonl", tmp / "images", next_scenes(args.warmup_prompts))
+        warmup = write_dataset(tmp / "warmup.jsonl", tmp / "images", next_scenes(args.warmup_prompts),
+                               args.image_tokens)
         for name in runs:
             bench(client, servers[name], warmup, min(4, args.warmup_prompts), args.warmup_prompts, args.output_len)
         results = {(name, c): [] for name in runs for c in args.concurrency}
@@ -356,7 +364,8 @@ def main() -> None:
             order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]
             for concurrency in args.concurrency:
                 prompts = num_prompts(args.prompts_per_concurrency, concurrency)
-                dataset = write_dataset(tmp / f"c{concurrency}-r{repeat}.jsonl", tmp / "images", next_scenes(prompts))
+                dataset = write_dataset(tmp / f"c{concurrency}-r{repeat}.jsonl", tmp / "images", next_scenes(prompts),
+                                        args.image_tokens)
                 for name in order:
                     result = bench(client, servers[name], dataset, concurrency, prompts, args.output_len)
                     results[(name, concurrency)].append(result)

@@ -1,66 +1,114 @@
-"""The shipped demo pair (vispec_vllm/demo/models): speculation is lossless on held-out scenes,
-the trained ViSpec draft is accepted at the rate measured for it, and above the draft trained with
-the same budget but its adaptor held at zero (the ablation), on the same scenes."""
+"""The shipped demo pairs (vispec_vllm/demo/models), at 36 and at 576 image tokens per image:
+speculation is lossless on held-out prompts (one image, and on the 576 pair two images), the
+trained ViSpec draft is accepted at the rate measured for it, and above the draft trained with the
+same budget but its adaptor held at zero (the ablation), on the same prompts; the 576 target
+describes held-out scenes correctly."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 from conftest import chat_tokens, engine_metrics, make_llm, shutdown_llm
 
-from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
-from vispec_vllm.training.data import scene_prompts
+from vispec_vllm.demo.models import DEMO_PAIRS
+from vispec_vllm.demo.target import RECIPES
+from vispec_vllm.training.data import scene_prompts, with_images
 
-pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("fixed_number_of_draft_tokens")]  # K=3 on every step
-
-NUM_SCENES = 8
-MAX_TOKENS = 128  # the descriptions end (EOS) before this
-K = 3
-# The run is deterministic (float32, greedy, fixed K): measured 1 + 366 accepted / 136 drafts = 3.69
-# (positions 1..3: 133, 122, 111 accepted). The floor sits just below, so that a drafting change
-# that costs acceptance fails here.
-MIN_MEAN_ACCEPTANCE_LENGTH_K3 = 3.65
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("fixed_number_of_draft_tokens")]  # K on every step
 
 
-@pytest.fixture(scope="module")
-def held_out_scenes() -> list[list[dict]]:
-    prompt = scene_prompts(held_out=True)
-    return [prompt(i) for i in range(NUM_SCENES)]
+@dataclass(frozen=True)
+class PairCase:
+    image_tokens: int
+    num_prompts: int
+    max_tokens: int
+    k: int
+    # The runs are deterministic (float32, greedy, fixed K); each floor sits just below the measured
+    # value, so that a drafting change that costs acceptance fails here.
+    min_mean_acceptance_length: float
 
 
-@pytest.fixture(scope="module")
-def baseline(held_out_scenes) -> list[list[int]]:
-    llm = make_llm(DEMO_TARGET, limit_mm_per_prompt={"image": 1})
-    outputs = chat_tokens(llm, held_out_scenes, MAX_TOKENS, ignore_eos=False)
+CASES = {
+    # Measured 1 + 366 accepted / 136 drafts = 3.69 (positions 1..3: 133, 122, 111 accepted).
+    36: PairCase(36, num_prompts=8, max_tokens=128, k=3, min_mean_acceptance_length=3.65),
+    # Measured 1 + 623 accepted / 223 drafts = 3.79 (ablation without the adaptor: 3.68).
+    576: PairCase(576, num_prompts=4, max_tokens=192, k=5, min_mean_acceptance_length=3.75),
+}
+
+
+MIN_PLACED_RATE_576 = 0.8
+
+
+@dataclass
+class PairRun:
+    case: PairCase
+    prompts: list[list[dict]]
+    baseline: list[list[int]]
+    results: dict  # draft kind -> (outputs, mean acceptance length)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES), ids=lambda n: f"{n}-image-tokens")
+def pair(request) -> PairRun:
+    case = CASES[request.param]
+    scenes = RECIPES[case.image_tokens].scenes
+    prompts = [scene_prompts(held_out=True, scenes=scenes)(i) for i in range(case.num_prompts)]
+    if hasattr(scenes, "compare_messages"):  # a two-image prompt as well
+        two = scenes.make_pair(scenes.held_out_seeds(1)[0])
+        prompts.append(with_images(scenes.compare_messages(), [two.first.image, two.second.image]))
+    target, _ = DEMO_PAIRS[case.image_tokens]
+    llm = make_llm(target, limit_mm_per_prompt={"image": 2}, max_model_len=2048)
+    baseline = chat_tokens(llm, prompts, case.max_tokens, ignore_eos=False)
     shutdown_llm(llm)
-    return outputs
+    return PairRun(case, prompts, baseline, {})
 
 
-def speculate(draft: str, conversations) -> tuple[list[list[int]], float]:
+def speculate(run: PairRun, kind: str) -> tuple[list[list[int]], float]:
     """Outputs and mean acceptance length (vLLM's definition: 1 + accepted / drafts) of one draft."""
-    llm = make_llm(DEMO_TARGET, limit_mm_per_prompt={"image": 1}, disable_log_stats=False,
-                   speculative_config={"model": str(DEMO_DRAFTS[draft]), "num_speculative_tokens": K})
-    try:
-        outputs = chat_tokens(llm, conversations, MAX_TOKENS, ignore_eos=False)
-        metrics = engine_metrics(llm)
-    finally:
-        shutdown_llm(llm)
-    assert metrics["vllm:spec_decode_num_draft_tokens"] == K * metrics["vllm:spec_decode_num_drafts"] > 0
-    return outputs, 1 + metrics["vllm:spec_decode_num_accepted_tokens"] / metrics["vllm:spec_decode_num_drafts"]
+    if kind not in run.results:
+        target, drafts = DEMO_PAIRS[run.case.image_tokens]
+        llm = make_llm(target, limit_mm_per_prompt={"image": 2}, max_model_len=2048, disable_log_stats=False,
+                       speculative_config={"model": str(drafts[kind]), "num_speculative_tokens": run.case.k})
+        try:
+            outputs = chat_tokens(llm, run.prompts, run.case.max_tokens, ignore_eos=False)
+            metrics = engine_metrics(llm)
+        finally:
+            shutdown_llm(llm)
+        drafts_made = metrics["vllm:spec_decode_num_drafts"]
+        assert metrics["vllm:spec_decode_num_draft_tokens"] == run.case.k * drafts_made > 0
+        run.results[kind] = outputs, 1 + metrics["vllm:spec_decode_num_accepted_tokens"] / drafts_made
+    return run.results[kind]
 
 
-@pytest.fixture(scope="module")
-def vispec_run(held_out_scenes) -> tuple[list[list[int]], float]:
-    return speculate("vispec", held_out_scenes)
+def test_vispec_demo_draft_is_lossless_and_accepted(pair):
+    outputs, mean_acceptance_length = speculate(pair, "vispec")
+    assert outputs == pair.baseline
+    assert mean_acceptance_length > pair.case.min_mean_acceptance_length
 
 
-def test_vispec_demo_draft_is_lossless_and_accepted(baseline, vispec_run):
-    outputs, mean_acceptance_length = vispec_run
-    assert outputs == baseline
-    assert mean_acceptance_length > MIN_MEAN_ACCEPTANCE_LENGTH_K3
+def test_the_adaptor_raises_acceptance(pair):
+    outputs, no_adaptor = speculate(pair, "vispec-no-adaptor")
+    assert outputs == pair.baseline
+    assert speculate(pair, "vispec")[1] > no_adaptor
 
 
-def test_the_adaptor_raises_acceptance(held_out_scenes, baseline, vispec_run):
-    # The ablation (measured 3.52 here) differs from ViSpec only in its adaptor, held at zero in training.
-    outputs, no_adaptor = speculate("vispec-no-adaptor", held_out_scenes)
-    assert outputs == baseline
-    assert vispec_run[1] > no_adaptor
+def test_the_576_target_describes_held_out_scenes(pair):
+    """Held-out descriptions (vLLM, no speculation) name objects at their places; the shipped target
+    gets number labels mostly wrong (benchmarks/results/description_accuracy_576.json), so the
+    floor is on colour, shape and place."""
+    if pair.case.image_tokens != 576:
+        pytest.skip("the 36-token target's accuracy is measured by benchmarks/description_accuracy.py")
+    from transformers import AutoTokenizer
+
+    scenes = RECIPES[576].scenes
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_PAIRS[576][0])
+    described = [scenes.make_scene(seed) for seed in scenes.held_out_seeds(pair.case.num_prompts)]
+    placed, total = 0, 0
+    for scene, prompt, tokens in zip(described, pair.prompts, pair.baseline, strict=False):
+        if len(prompt[0]["content"]) != 2:  # a comparison prompt (two images)
+            continue
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        placed += scenes.objects_named_in_place(text, scene.objects)
+        total += len(scene.objects)
+    # Measured 19 of 21 objects here (84% of 352 over 50 held-out scenes in the benchmark).
+    assert total and placed / total >= MIN_PLACED_RATE_576, (placed, total)

@@ -34,8 +34,8 @@ def _demo(args: argparse.Namespace) -> None:
     from vispec_vllm.demo.run import DemoOptions, run_demo
 
     run_demo(DemoOptions(num_requests=args.num_requests, max_tokens=args.max_tokens,
-                         num_speculative_tokens=args.num_speculative_tokens, out=args.out,
-                         logs_dir=DEFAULT_MODELS_DIR))
+                         num_speculative_tokens=args.num_speculative_tokens, image_tokens=args.image_tokens,
+                         out=args.out, logs_dir=DEFAULT_MODELS_DIR))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -56,8 +56,9 @@ def _train(args: argparse.Namespace) -> None:
 
 def _build_demo(args: argparse.Namespace) -> None:
     from vispec_vllm.demo.build import build_demo
+    from vispec_vllm.demo.target import RECIPES
 
-    for name, path in build_demo(args.out_dir, args.target_minutes).items():
+    for name, path in build_demo(args.out_dir, RECIPES[args.image_tokens], args.target_minutes).items():
         print(f"{name}: {path}")
 
 
@@ -77,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--num-q", type=int, default=2, help="adaptor queries per draft (default 2)")
     tiny.add_argument("--bin", action="store_true", help="also write pytorch_model.bin")
     demo = sub.add_parser("demo", help="serve the embedded default and answer one image+text request")
-    demo.add_argument("--max-tokens", type=int, default=128)
-    demo.add_argument("--num-requests", type=int, default=8)
-    demo.add_argument("--num-speculative-tokens", type=int, default=3)
+    demo.add_argument("--image-tokens", type=int, default=576, choices=[36, 576],
+                      help="which shipped pair: 576 image tokens per image (default) or 36")
+    demo.add_argument("--max-tokens", type=int, default=None, help="default: the target's longest answer")
+    demo.add_argument("--num-requests", type=int, default=6)
+    demo.add_argument("--num-speculative-tokens", type=int, default=5)
     demo.add_argument("--out", type=Path, default=Path("benchmarks/results/demo.json"),
                       help="where to write the report (JSON)")
     train = sub.add_parser("train", help="generate draft training data, or train a draft (stage 1 or 2)",
@@ -100,9 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--mtp-steps", type=int, default=1)
     train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
-    build = sub.add_parser("build-demo", help="rebuild the demo target and its three drafts (about 20 min on 2 cores)")
+    build = sub.add_parser("build-demo", help="rebuild a demo target and its four drafts (576 tokens: about 90 min "
+                           "on 2 cores; resumable: run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
-    build.add_argument("--target-minutes", type=float, default=12.0)
+    build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])
+    build.add_argument("--target-minutes", type=float, default=None, help="default: 65 (576) or 12 (36)")
     args = parser.parse_args(argv)
     {"tiny-models": _tiny_models, "demo": _demo, "train": _train, "build-demo": _build_demo}[args.command](args)
 

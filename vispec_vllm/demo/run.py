@@ -22,9 +22,10 @@ DEFAULT_OUT = Path("benchmarks/results/demo.json")
 
 @dataclass(frozen=True)
 class DemoOptions:
-    num_requests: int = 8
-    max_tokens: int = 128
-    num_speculative_tokens: int = 3
+    num_requests: int = 6
+    max_tokens: int | None = None  # default: the target's longest reference answer
+    num_speculative_tokens: int = 5
+    image_tokens: int = 576  # which shipped pair: 576 (LLaVA-1.5 scale, the default) or 36
     out: Path = DEFAULT_OUT
     logs_dir: Path = Path.home() / ".cache" / "vispec-vllm"
 
@@ -69,29 +70,37 @@ def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[f
 
 
 def run_demo(options: DemoOptions) -> dict:
-    from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
-    from vispec_vllm.demo.scenes import DESCRIBE_PROMPT, HELD_OUT_START, make_scene
+    from vispec_vllm.demo.models import DEMO_PAIRS
     from vispec_vllm.demo.server import VLLMServer, image_data_url
+    from vispec_vllm.demo.target import RECIPES
 
-    target, draft = DEMO_TARGET, DEMO_DRAFTS["vispec"]
-    scenes = [make_scene(HELD_OUT_START + i) for i in range(options.num_requests)]
-    prompts = [[{"type": "image_url", "image_url": {"url": image_data_url(scene.image)}},
-                {"type": "text", "text": DESCRIBE_PROMPT}] for scene in scenes]
-    common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--limit-mm-per-prompt",
-              '{"image": 1}']
+    target, drafts = DEMO_PAIRS[options.image_tokens]
+    draft = drafts["vispec"]
+    recipe = RECIPES[options.image_tokens]
+    max_tokens = options.max_tokens or recipe.max_new_tokens
+    # Held-out prompts as the target was trained on them: a description request, or (rich scenes)
+    # sometimes a comparison of two images.
+    examples = [recipe.scenes.training_prompt(seed) for seed in recipe.scenes.held_out_seeds(options.num_requests)]
+    prompts = []
+    for scenes_, messages in examples:
+        images = iter(scene.image for scene in scenes_)
+        prompts.append([{"type": "image_url", "image_url": {"url": image_data_url(next(images))}}
+                        if part == {"type": "image"} else part for part in messages[0]["content"]])
+    common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt",
+              '{"image": 2}']
     spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
     options.logs_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Demo pair: target {target.name} (trained on synthetic scenes), ViSpec draft {draft.name}, "
-          f"K up to {options.num_speculative_tokens} (load-adaptive); {options.num_requests} held-out scenes, "
-          "one request at a time.")
+    print(f"Demo pair: target {target.name} (trained on synthetic scenes, {recipe.num_image_tokens} image tokens "
+          f"per image), ViSpec draft {draft.name}, K up to {options.num_speculative_tokens} (load-adaptive); "
+          f"{options.num_requests} held-out prompts, one request at a time.")
     results = {}
     for mode, extra in (("none", []), ("vispec", ["--speculative-config", json.dumps(spec)])):
         log = options.logs_dir / f"demo-server-{'vispec' if extra else 'plain'}.log"
         print(f"Starting vLLM on 127.0.0.1 with the vispec-vllm plugin, speculation: {mode} (log: {log}) ...",
               flush=True)
         with VLLMServer(target, common + extra, log_path=log) as server:
-            _run_requests(server, prompts[:1], options.max_tokens)  # warm-up
-            tok_s, answers = _run_requests(server, prompts, options.max_tokens)
+            _run_requests(server, prompts[:1], max_tokens)  # warm-up
+            tok_s, answers = _run_requests(server, prompts, max_tokens)
             acceptance = mean_acceptance_length(server.metrics()) if extra else None
         results[mode] = (tok_s, answers, acceptance)
         print(f"  {mode}: {tok_s:.1f} output tokens/s", flush=True)
@@ -101,6 +110,7 @@ def run_demo(options: DemoOptions) -> dict:
         "target": target.name,
         "draft": draft.name,
         "image_tokens": image_tokens_per_image(target),
+        "max_tokens": max_tokens,
         "k": options.num_speculative_tokens,
         "adaptive": os.environ.get("VISPEC_VLLM_ADAPTIVE", "1") != "0",
         "num_requests": options.num_requests,
@@ -110,8 +120,10 @@ def run_demo(options: DemoOptions) -> dict:
         "tok_s_vispec": tok_s_vispec,
         "speedup": tok_s_vispec / tok_s_none,
     }
-    print(f"\nHeld-out scene {scenes[0].seed}: {answers_vispec[0]!r}")
-    print(f"Reference description:   {scenes[0].description!r}")
+    shown = next(i for i, (scenes_, _) in enumerate(examples) if len(scenes_) == 1)  # a one-image description
+    scene = examples[shown][0][0]
+    print(f"\nHeld-out scene {scene.seed}: {answers_vispec[shown]!r}")
+    print(f"Reference description:   {scene.description!r}")
     print(f"Outputs identical with and without speculation: {report['outputs_identical']}")
     print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): {acceptance:.2f}")
     print(f"Speed-up over no speculation on this machine: {report['speedup']:.2f}x "

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 96
@@ -322,3 +323,41 @@ def scene_texts(seeds: Sequence[int]) -> Iterator[str]:
         for question, answer in qa:
             yield question
             yield answer
+
+
+def training_example(seed: int) -> tuple[list[Scene], list[dict]]:
+    """The scenes and chat messages of training example `seed` (one scene's conversation)."""
+    scene = make_scene(seed)
+    return [scene], conversation(scene)
+
+
+def training_prompt(seed: int) -> tuple[list[Scene], list[dict]]:
+    """The scenes and the prompt (no answer) of draft-training example `seed`: a description request."""
+    return [make_scene(seed)], describe_messages()
+
+
+def caption(scene: Scene) -> str:
+    """A short reference caption written by the scene generator (the `eagle-captions` baseline's
+    fine-tuning data): how many shapes, and their colours and shapes."""
+    names = ", ".join(f"{'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.colour} {obj.shape}" for obj in scene.objects)
+    return f"{_capitalise(_plural(len(scene.objects), 'shape'))}: {names}."
+
+
+def patch_targets(scene: Scene, patch_size: int) -> torch.Tensor:
+    """(patches, 4) probe targets: for the cell under each patch's centre, the cell index and the
+    colour, shape and size of the object in that cell (each 0 for an empty cell, else 1 + index)."""
+    side = IMAGE_SIZE // patch_size
+    by_cell = {obj.cell: obj for obj in scene.objects}
+    colours = list(COLOURS)
+    rows = []
+    for patch in range(side * side):
+        y, x = ((patch // side + 0.5) * patch_size, (patch % side + 0.5) * patch_size)
+        cell = (int(y * GRID // IMAGE_SIZE), int(x * GRID // IMAGE_SIZE))
+        obj = by_cell.get(cell)
+        attributes = (colours.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size)) if obj else (-1,) * 3
+        rows.append((cell[0] * GRID + cell[1], *(1 + a for a in attributes)))
+    return torch.tensor(rows)
+
+
+# The probe's classes per image token: its grid cell, and its object's colour, shape and size.
+PROBE_CLASSES = (GRID * GRID, len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)

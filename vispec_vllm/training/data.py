@@ -77,6 +77,19 @@ class TargetRecorder:
     def _capture_inputs_embeds(self, module, args, kwargs) -> None:
         self._captured["inputs_embeds"] = kwargs["inputs_embeds"]
 
+    def tokenize_answer(self, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
+        """Prompt ids (as the processor expands them) and the ids of `answer` with its end-of-turn
+        token, as the chat template renders the assistant's turn."""
+        hf_messages, images = _hf_messages(messages)
+        full = [*hf_messages, {"role": "assistant", "content": answer}]
+        ids = [self.processor(text=[self.processor.apply_chat_template(m, **kw)], images=images or None,
+                              return_tensors="pt")["input_ids"][0].tolist()
+               for m, kw in ((hf_messages, {"add_generation_prompt": True}), (full, {}))]
+        prompt_ids, full_ids = ids
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the answer changed how the prompt tokenises; cannot align records")
+        return prompt_ids, full_ids[len(prompt_ids):]
+
     @torch.no_grad()
     def record(self, messages: list[dict], prompt_ids: list[int], answer_ids: list[int]) -> dict[str, torch.Tensor]:
         hf_messages, images = _hf_messages(messages)
@@ -145,20 +158,96 @@ def prompts_from_conversations(conversations: Sequence[list[dict]]) -> PromptFac
     return lambda i: conversations[i % len(conversations)]
 
 
-def scene_prompt(scene_seed: int) -> list[dict]:
-    """The describe prompt for one synthetic scene (vispec_vllm.demo.scenes), as vLLM chat messages."""
-    from vispec_vllm.demo.scenes import DESCRIBE_PROMPT, make_scene
+def with_images(messages: list[dict], images: Sequence) -> list[dict]:
+    """Chat messages whose `{"type": "image"}` parts become vLLM `image_pil` parts, in order."""
+    remaining = iter(images)
+    return [
+        {**m, "content": [{"type": "image_pil", "image_pil": next(remaining)} if part == {"type": "image"} else part
+                          for part in m["content"]]} if isinstance(m["content"], list) else m
+        for m in messages
+    ]
 
-    image = make_scene(scene_seed).image
-    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                         {"type": "text", "text": DESCRIBE_PROMPT}]}]
 
-
-def scene_prompts(seed: int = 0, held_out: bool = False) -> PromptFactory:
-    """Sample i -> the describe prompt of a training scene (or of held-out scene i)."""
+def _training_seed(seed: int, i: int) -> int:
+    """Training scene i of a data set, spread over the training range by a fixed stride from `seed`."""
     from vispec_vllm.demo.scenes import HELD_OUT_START
 
-    if held_out:
-        return lambda i: scene_prompt(HELD_OUT_START + i)
-    # Training scenes, spread over the training range by a fixed stride from `seed`.
-    return lambda i: scene_prompt((seed * 7919 + i * 104729) % HELD_OUT_START)
+    return (seed * 7919 + i * 104729) % HELD_OUT_START
+
+
+def scene_prompt(scene_seed: int, scenes=None) -> list[dict]:
+    """The describe prompt for one synthetic scene, as vLLM chat messages."""
+    from vispec_vllm.demo import scenes as default_scenes
+
+    scenes = scenes or default_scenes
+    return with_images(scenes.describe_messages(), [scenes.make_scene(scene_seed).image])
+
+
+def scene_prompts(seed: int = 0, held_out: bool = False, scenes=None) -> PromptFactory:
+    """Sample i -> the prompt of training example i of a scene module (default
+    `vispec_vllm.demo.scenes`: a describe request; rich scenes also ask to compare two images), or
+    of held-out scene i."""
+    from vispec_vllm.demo import scenes as default_scenes
+
+    scenes = scenes or default_scenes
+
+    def prompt(i: int) -> list[dict]:
+        scene_seed = scenes.HELD_OUT_START + i if held_out else _training_seed(seed, i)
+        examples, messages = scenes.training_prompt(scene_seed)
+        return with_images(messages, [example.image for example in examples])
+
+    return prompt
+
+
+# A reference example: chat messages (prompt only) and the answer the target is teacher-forced on.
+ReferenceFactory = Callable[[int], tuple[list[dict], str]]
+
+TEXT_PROMPT = "Describe a picture of shapes."
+
+
+def reference_texts(seed: int = 0, scenes=None) -> ReferenceFactory:
+    """Sample i -> a text-only prompt and a training scene's reference description (no image): the
+    text stage of the `eagle-captions` baseline, as EAGLE drafts first learn on text conversations."""
+    from vispec_vllm.demo import scenes as default_scenes
+
+    scenes = scenes or default_scenes
+    return lambda i: ([{"role": "user", "content": TEXT_PROMPT}],
+                      scenes.make_scene(_training_seed(seed + 1, i)).description)
+
+
+def reference_captions(seed: int = 0, scenes=None) -> ReferenceFactory:
+    """Sample i -> a training scene's describe prompt with its image, and the scene generator's short
+    caption (the image-caption fine-tuning of the `eagle-captions` baseline)."""
+    from vispec_vllm.demo import scenes as default_scenes
+
+    scenes = scenes or default_scenes
+
+    def example(i: int) -> tuple[list[dict], str]:
+        scene = scenes.make_scene(_training_seed(seed + 2, i))
+        return with_images(scenes.describe_messages(), [scene.image]), scenes.caption(scene)
+
+    return example
+
+
+def reference_data(target_dir: str | Path, out_dir: str | Path, example_factory: ReferenceFactory,
+                   num_samples: int, shard_size: int = 64) -> Path:
+    """Records of reference answers teacher-forced through the target (no generation): the answer
+    is written by the scene generator, not by the target. Same format and resumption as
+    `generate_training_data`."""
+    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = (num_samples + shard_size - 1) // shard_size
+    todo = [k for k in range(num_shards) if not shard_path(out_dir, k).exists()]
+    if not todo:
+        return out_dir
+    recorder = TargetRecorder(target_dir)
+    for k in tqdm(todo, desc="reference shards", unit="shard"):
+        records = []
+        for i in range(k * shard_size, min((k + 1) * shard_size, num_samples)):
+            messages, answer = example_factory(i)
+            prompt_ids, answer_ids = recorder.tokenize_answer(messages, answer)
+            records.append(recorder.record(messages, prompt_ids, answer_ids))
+        partial = shard_path(out_dir, k).with_suffix(".partial")
+        torch.save(records, partial)
+        partial.rename(shard_path(out_dir, k))
+    return out_dir

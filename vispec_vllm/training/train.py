@@ -51,6 +51,9 @@ class TrainConfig:
     max_len: int = 4096
     fc_bias: bool = False  # False keeps the stage-1 draft servable by vLLM's own EAGLE (fc without bias)
     zero_adaptor: bool = False  # ablation: the adaptor's output is held at zero (no compressed tokens, g = 0)
+    # Stage 2 only: keep stage 1's hidden-state regression beside the distribution loss (not in the
+    # published recipe; our drafts' outputs feed back as inputs at chain steps >= 2).
+    hidden_regression: bool = False
     # Per-sample steps are many small ops: one thread per process beats several (measured 15x on
     # 2 busy cores); a GPU run is unaffected.
     num_threads: int = 1
@@ -204,7 +207,7 @@ def list_mle(draft_logits: torch.Tensor, target_logits: torch.Tensor, k: int = 1
 
 
 def draft_loss(out: torch.Tensor, rows: torch.Tensor, target_next_hidden: torch.Tensor, lm_head: torch.Tensor,
-               stage: int) -> torch.Tensor:
+               stage: int, hidden_regression: bool = False) -> torch.Tensor:
     draft_logits = out[rows] @ lm_head.T
     target_logits = target_next_hidden[rows] @ lm_head.T
     p_target = target_logits.softmax(-1)
@@ -213,7 +216,10 @@ def draft_loss(out: torch.Tensor, rows: torch.Tensor, target_next_hidden: torch.
         regression = F.smooth_l1_loss(out[rows], target_next_hidden[rows])
         cross_entropy = -(p_target * draft_logits.log_softmax(-1)).sum(-1).mean()
         return regression + 0.1 * (cross_entropy + 0.1 * rank_loss)
-    return 10 * (draft_logits.softmax(-1) - p_target).abs().sum(-1).mean() + 0.1 * rank_loss
+    loss = 10 * (draft_logits.softmax(-1) - p_target).abs().sum(-1).mean() + 0.1 * rank_loss
+    if hidden_regression:
+        loss = loss + F.smooth_l1_loss(out[rows], target_next_hidden[rows])
+    return loss
 
 
 def read_target(target_dir: Path) -> tuple[DraftDims, str, dict, torch.Tensor, torch.Tensor]:
@@ -301,7 +307,8 @@ def train_draft(target_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
                 out, kept = trained(step_input, record, use_vision)
                 supervised = rows & kept
                 if supervised.any():
-                    loss_terms.append(draft_loss(out, supervised, target_next_hidden, lm_head, cfg.stage))
+                    loss_terms.append(draft_loss(out, supervised, target_next_hidden, lm_head, cfg.stage,
+                                                 cfg.hidden_regression))
                 # Next pass drafts from the draft's own outputs (row 0 keeps the target's h_0).
                 step_input = torch.cat([noisy[:1], out[:-1], noisy[length - 1:]])
             if not loss_terms:

@@ -1,14 +1,29 @@
-"""The shipped demo pair: a small LLaVA-layout target trained from scratch on synthetic scenes
-(`vispec_vllm.demo.scenes`), its ViSpec draft, and two drafts trained with the same budget for
-comparison: plain EAGLE-style (no adaptor, no global image feature) and ViSpec with the adaptor
-held at zero (ablation). `vispec-vllm build-demo DIR` reproduces them."""
+"""The shipped demo pairs: small LLaVA-layout targets trained from scratch on synthetic scenes, each
+with its ViSpec draft and drafts trained with the same budget for comparison. `vispec-vllm
+build-demo DIR` reproduces them.
+
+- 576 image tokens per image (LLaVA-1.5's count; `vispec_vllm.demo.rich_scenes`): the default
+  pair, with drafts `vispec`, `eagle` (EAGLE-style on the same target-generated data),
+  `eagle-captions` (EAGLE-style on text, then short captions) and `vispec-no-adaptor` (ablation).
+- 36 image tokens per image (`vispec_vllm.demo.scenes`): the first demo pair, which most engine
+  tests use because it is fast.
+"""
 
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent
+# The 36-token pair.
 DEMO_TARGET = DEMO_DIR / "scene-llava"
 DEMO_DRAFTS = {
     "vispec": DEMO_DIR / "scene-llava-vispec",
     "eagle": DEMO_DIR / "scene-llava-eagle",
     "vispec-no-adaptor": DEMO_DIR / "scene-llava-vispec-no-adaptor",
 }
+# The 576-token pair (LLaVA-1.5 scale).
+LLAVA15_SCALE_TARGET = DEMO_DIR / "scene-llava-576"
+LLAVA15_SCALE_DRAFTS = {
+    kind: DEMO_DIR / f"scene-llava-576-{kind}" for kind in ("vispec", "eagle", "eagle-captions", "vispec-no-adaptor")
+}
+# Image tokens per image -> (target, drafts).
+DEMO_PAIRS = {36: (DEMO_TARGET, DEMO_DRAFTS), 576: (LLAVA15_SCALE_TARGET, LLAVA15_SCALE_DRAFTS)}
+DEFAULT_IMAGE_TOKENS = 576

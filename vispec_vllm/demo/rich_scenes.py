@@ -1,0 +1,369 @@
+"""Rich synthetic scenes for the demo target at LLaVA-1.5 scale (576 image tokens per image).
+
+Like `vispec_vllm.demo.scenes`, a scene is a function of one integer seed, but closer to what a
+real vision-language model is asked about:
+- a 192x192 image (24x24 patches of 8 pixels: 576 image tokens, LLaVA-1.5's count) with 4-9
+  objects on a 4x4 grid, each with a shape, a colour, a size and a drawn number label 1-9
+  (seven-segment digits, so no font file is needed);
+- a long description (about 150-400 tokens) that keeps referring to the image until its end:
+  every object with its place and number, relations between neighbours (left of, above; larger or
+  smaller number), then counts by colour and size;
+- comparisons of two images ("Compare these two images."), which put two images in one prompt.
+Seeds below `HELD_OUT_START` are for training, seeds from it on are held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+from vispec_vllm.demo.scenes import (
+    COLOURS,
+    HELD_OUT_START,
+    SHAPES,
+    SIZES,
+    _shape_points,
+    held_out_seeds,
+    is_held_out,
+    train_seed_stream,
+)
+
+__all__ = ["HELD_OUT_START", "held_out_seeds", "is_held_out", "train_seed_stream"]
+
+IMAGE_SIZE = 192
+GRID = 4
+MIN_OBJECTS, MAX_OBJECTS = 4, 9
+LABELS = tuple(range(1, 10))
+DESCRIBE_PROMPT = "Describe the image in detail."
+DESCRIBE_PROMPTS = (
+    DESCRIBE_PROMPT,
+    "Describe this picture.",
+    "What do you see in this image?",
+    "Give a detailed description of the image.",
+)
+COMPARE_PROMPT = "Compare these two images."
+COMPARE_FRACTION = 0.15  # of training conversations, with two images
+_ROWS = ("top", "second", "third", "bottom")
+_COLUMNS = ("first", "second", "third", "fourth")
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_SUPERSAMPLE = 3
+# Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom),
+# e (bottom left), f (top left), g (middle).
+_SEGMENTS = {1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg",
+             9: "abcdfg"}
+
+
+@dataclass(frozen=True)
+class RichObject:
+    """One labelled shape; `cell` is (row, column) in the 4x4 grid."""
+
+    shape: str
+    colour: str
+    size: str
+    label: int
+    cell: tuple[int, int]
+
+    @property
+    def place(self) -> str:
+        """Where the object is: "in the top row, second column"."""
+        return f"in the {_ROWS[self.cell[0]]} row, {_COLUMNS[self.cell[1]]} column"
+
+    @property
+    def noun(self) -> str:
+        return f"{self.size} {self.colour} {self.shape}"
+
+    @property
+    def name(self) -> str:
+        """Colour and shape, unique within a scene: "red circle"."""
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class RichScene:
+    """A seeded sample: the image, its objects in reading order, the description, and the training
+    conversation's turns (a description request, sometimes followed by a question)."""
+
+    seed: int
+    image: Image.Image
+    objects: tuple[RichObject, ...]
+    description: str
+    turns: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ScenePair:
+    """Two scenes and the comparison of them (a two-image prompt)."""
+
+    first: RichScene
+    second: RichScene
+    comparison: str
+
+
+def _layout(rng: random.Random) -> tuple[RichObject, ...]:
+    count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+    cells = sorted(rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], count))
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
+    labels = rng.sample(LABELS, count)
+    return tuple(
+        RichObject(shape=shape, colour=colour, size=rng.choice(SIZES), label=label, cell=cell)
+        for cell, (colour, shape), label in zip(cells, pairs, labels, strict=True)
+    )
+
+
+def _draw_digit(draw: ImageDraw.ImageDraw, digit: int, cx: float, cy: float, height: float) -> None:
+    """A black seven-segment digit centred on (cx, cy)."""
+    w, h, t = 0.55 * height, height / 2, max(1.0, 0.16 * height)
+    left, right, top, middle, bottom = cx - w / 2, cx + w / 2, cy - h, cy, cy + h
+    boxes = {
+        "a": (left, top, right, top + t), "g": (left, middle - t / 2, right, middle + t / 2),
+        "d": (left, bottom - t, right, bottom), "f": (left, top, left + t, middle),
+        "b": (right - t, top, right, middle), "e": (left, middle, left + t, bottom),
+        "c": (right - t, middle, right, bottom),
+    }
+    for segment in _SEGMENTS[digit]:
+        draw.rectangle(boxes[segment], fill=(0, 0, 0))
+
+
+def _draw(objects: Sequence[RichObject], rng: random.Random) -> Image.Image:
+    """White image; each object near its cell's centre (jitter up to 3 pixels), its label on top."""
+    s = _SUPERSAMPLE
+    cell = IMAGE_SIZE / GRID
+    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), "white")
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        r = rng.uniform(19.0, 21.5) if obj.size == "large" else rng.uniform(13.0, 14.5)
+        cx = (obj.cell[1] + 0.5) * cell + rng.uniform(-3, 3)
+        cy = (obj.cell[0] + 0.5) * cell + rng.uniform(-3, 3)
+        fill = COLOURS[obj.colour]
+        X, Y, R = cx * s, cy * s, r * s
+        if obj.shape == "circle":
+            draw.ellipse((X - R, Y - R, X + R, Y + R), fill=fill)
+        elif obj.shape == "square":
+            h = 0.85 * R
+            draw.rectangle((X - h, Y - h, X + h, Y + h), fill=fill)
+        else:
+            draw.polygon(_shape_points(obj.shape, X, Y, R), fill=fill)
+        # Triangles and stars are narrow at the top: their digit sits lower and smaller.
+        low = obj.shape in ("triangle", "star")
+        _draw_digit(draw, obj.label, X, Y + (0.18 * R if low else 0), (0.62 if low else 0.9) * R)
+    return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{_NUMBERS[count]} {word}" + ("" if count == 1 else "s")
+
+
+def _object_sentence(obj: RichObject, rng: random.Random) -> str:
+    place = _capitalise(obj.place)
+    return rng.choice((
+        f"{place}, there is a {obj.noun} with the number {obj.label}.",
+        f"{place} sits a {obj.noun} marked {obj.label}.",
+        f"{place} you can see a {obj.noun}, labelled {obj.label}.",
+    ))
+
+
+def _relation_sentence(a: RichObject, b: RichObject, rng: random.Random) -> str:
+    """How b (next in reading order) stands to a: where, and how their numbers compare."""
+    if a.cell[0] == b.cell[0]:
+        where = rng.choice((f"The {b.name} is to the right of the {a.name}",
+                            f"The {a.name} is to the left of the {b.name}"))
+    else:
+        where = rng.choice((f"The {b.name} is below the {a.name}", f"The {a.name} is above the {b.name}"))
+    larger = "larger" if b.label > a.label else "smaller"
+    return f"{where}, and the number {b.label} is {larger} than {a.label}."
+
+
+def _summary_sentences(objects: Sequence[RichObject]) -> list[str]:
+    colours = Counter(obj.colour for obj in objects)
+    parts = [_plural(n, f"{colour} shape") for colour, n in sorted(colours.items(), key=lambda kv: (-kv[1], kv[0]))]
+    listing = ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else parts[0]
+    large = sum(obj.size == "large" for obj in objects)
+    highest = max(objects, key=lambda obj: obj.label)
+    return [
+        f"By colour, there {'is' if len(objects) == 1 else 'are'} {listing}.",
+        f"{_capitalise(_NUMBERS[large])} of them {'is' if large == 1 else 'are'} large and "
+        f"{_NUMBERS[len(objects) - large]} {'is' if len(objects) - large == 1 else 'are'} small.",
+        f"The highest number is {highest.label}, on the {highest.name}.",
+    ]
+
+
+def _describe(objects: Sequence[RichObject], rng: random.Random) -> str:
+    n = len(objects)
+    intro = rng.choice((
+        f"The image shows {_plural(n, 'shape')} on a white background, each marked with a number.",
+        f"There are {_plural(n, 'numbered shape')} in this picture.",
+        f"I can see {_plural(n, 'shape')} in the image, each with a number on it.",
+    ))
+    sentences = [intro, *(_object_sentence(obj, rng) for obj in objects)]
+    sentences += [_relation_sentence(a, b, rng) for a, b in zip(objects, objects[1:], strict=False)]
+    sentences += _summary_sentences(objects)
+    return " ".join(sentences)
+
+
+def _question(objects: Sequence[RichObject], rng: random.Random) -> tuple[str, str]:
+    obj = rng.choice(objects)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"What number is on the {obj.name}?", f"The {obj.name} {obj.place} has the number {obj.label}."
+    if kind == 1:
+        return f"Where is the {obj.name}?", f"It is {obj.place}, and it is {obj.size}."
+    return f"Which shape has the number {obj.label}?", f"The {obj.noun} {obj.place} has the number {obj.label}."
+
+
+def _objects_and_texts(seed: int) -> tuple[tuple[RichObject, ...], str, tuple[tuple[str, str], ...]]:
+    rng = random.Random(f"rich-{seed}")
+    objects = _layout(rng)
+    description = _describe(objects, rng)
+    turns: tuple[tuple[str, str], ...] = ((rng.choice(DESCRIBE_PROMPTS), description),)
+    if rng.random() < 0.3:
+        turns += (_question(objects, rng),)
+    return objects, description, turns
+
+
+def make_scene(seed: int) -> RichScene:
+    """The scene of `seed`: the same seed always gives the same image and texts."""
+    objects, description, turns = _objects_and_texts(seed)
+    image = _draw(objects, random.Random(f"rich-image-{seed}"))
+    return RichScene(seed=seed, image=image, objects=objects, description=description, turns=turns)
+
+
+def _short_listing(objects: Sequence[RichObject]) -> str:
+    return ", ".join(f"a {obj.noun} with {obj.label}" for obj in objects)
+
+
+def _comparison(first: Sequence[RichObject], second: Sequence[RichObject]) -> str:
+    sentences = [
+        f"The first image has {_plural(len(first), 'shape')} and the second has {_plural(len(second), 'shape')}.",
+        f"In the first image there are {_short_listing(first)}.",
+        f"In the second image there are {_short_listing(second)}.",
+    ]
+    common = sorted({obj.name for obj in first} & {obj.name for obj in second})
+    if common:
+        sentences.append(f"Both images contain a {' and a '.join(common)}.")
+    else:
+        sentences.append("No shape appears in both images.")
+    return " ".join(sentences)
+
+
+def pair_seeds(seed: int) -> tuple[int, int]:
+    """The two scene seeds of comparison `seed` (both training or both held out, as `seed` is)."""
+    base = HELD_OUT_START if is_held_out(seed) else 0
+    span = (2**31 if is_held_out(seed) else HELD_OUT_START)
+    return seed, base + (seed * 48271 + 11) % span
+
+
+def make_pair(seed: int) -> ScenePair:
+    a, b = (make_scene(s) for s in pair_seeds(seed))
+    return ScenePair(first=a, second=b, comparison=_comparison(a.objects, b.objects))
+
+
+def chat(turns: Sequence[tuple[str, str | None]], num_images: int = 1) -> list[dict]:
+    """Chat messages, `num_images` image parts in the first user turn (the LLaVA layout)."""
+    messages: list[dict] = []
+    for i, (question, answer) in enumerate(turns):
+        text = {"type": "text", "text": question}
+        messages.append({"role": "user", "content": [*([{"type": "image"}] * num_images), text] if i == 0 else [text]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def training_example(seed: int) -> tuple[list[RichScene], list[dict]]:
+    """The scenes and chat messages of training example `seed`: usually one scene's conversation,
+    for COMPARE_FRACTION of seeds the comparison of two scenes."""
+    if random.Random(f"kind-{seed}").random() < COMPARE_FRACTION:
+        pair = make_pair(seed)
+        return [pair.first, pair.second], chat([(COMPARE_PROMPT, pair.comparison)], num_images=2)
+    scene = make_scene(seed)
+    return [scene], chat(scene.turns)
+
+
+def training_prompt(seed: int) -> tuple[list[RichScene], list[dict]]:
+    """The scenes and the prompt (no answer) of draft-training example `seed`: a description
+    request, or for COMPARE_FRACTION of seeds a comparison of two images."""
+    if random.Random(f"kind-{seed}").random() < COMPARE_FRACTION:
+        pair = make_pair(seed)
+        return [pair.first, pair.second], compare_messages()
+    return [make_scene(seed)], describe_messages()
+
+
+def describe_messages() -> list[dict]:
+    return chat([(DESCRIBE_PROMPT, None)])
+
+
+def compare_messages() -> list[dict]:
+    return chat([(COMPARE_PROMPT, None)], num_images=2)
+
+
+def scene_texts(seeds: Sequence[int]) -> Iterator[str]:
+    """Every prompt, description, answer and comparison of `seeds` (a tokenizer corpus)."""
+    yield from (*DESCRIBE_PROMPTS, COMPARE_PROMPT)
+    for seed in seeds:
+        objects, description, turns = _objects_and_texts(seed)
+        yield description
+        for question, answer in turns[1:]:
+            yield question
+            yield answer
+        yield _comparison(objects, _objects_and_texts(pair_seeds(seed)[1])[0])
+
+
+def caption(scene: RichScene) -> str:
+    """A short reference caption written by the scene generator (the `eagle-captions` baseline's
+    fine-tuning data): how many shapes, and their colours and shapes."""
+    names = ", ".join(f"{'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.name}" for obj in scene.objects)
+    return f"{_capitalise(_plural(len(scene.objects), 'shape'))}: {names}."
+
+
+def patch_targets(scene: RichScene, patch_size: int) -> torch.Tensor:
+    """(patches, 5) probe targets for the cell under each patch's centre: the cell index, and the
+    colour, shape, size and label of its object (each 0 for an empty cell, else 1 + index)."""
+    side = IMAGE_SIZE // patch_size
+    by_cell = {obj.cell: obj for obj in scene.objects}
+    colours = list(COLOURS)
+    rows = []
+    for patch in range(side * side):
+        y, x = ((patch // side + 0.5) * patch_size, (patch % side + 0.5) * patch_size)
+        cell = (int(y * GRID // IMAGE_SIZE), int(x * GRID // IMAGE_SIZE))
+        obj = by_cell.get(cell)
+        attributes = ((colours.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size), obj.label - 1)
+                      if obj else (-1,) * 4)
+        rows.append((cell[0] * GRID + cell[1], *(1 + a for a in attributes)))
+    return torch.tensor(rows)
+
+
+PROBE_CLASSES = (GRID * GRID, len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(LABELS) + 1)
+
+
+_OBJECT_SENTENCE = re.compile(
+    r"In the (\w+) row, (\w+) column(?:,)? (?:there is|sits|you can see) a (small|large) (\w+) (\w+)"
+    r"(?: with the number| marked|, labelled) (\d)"
+)
+
+
+def described_objects(text: str) -> set[tuple[str, str, str, str, int]]:
+    """(place, size, colour, shape, label) of every object sentence of a description."""
+    return {(f"in the {row} row, {column} column", size, colour, shape, int(label))
+            for row, column, size, colour, shape, label in _OBJECT_SENTENCE.findall(text)}
+
+
+def objects_described_correctly(text: str, objects: Sequence[RichObject]) -> int:
+    """How many of `objects` a description places, sizes, colours, shapes and labels correctly."""
+    described = described_objects(text)
+    return sum((obj.place, obj.size, obj.colour, obj.shape, obj.label) in described for obj in objects)
+
+
+def objects_named_in_place(text: str, objects: Sequence[RichObject]) -> int:
+    """How many of `objects` a description names (colour and shape) at the right place, whatever
+    size and number label it gives them."""
+    described = {(place, colour, shape) for place, _, colour, shape, _ in described_objects(text)}
+    return sum((obj.place, obj.colour, obj.shape) in described for obj in objects)
