@@ -28,7 +28,8 @@ from vispec_vllm.demo.scenes import (
     HELD_OUT_START,
     SHAPES,
     SIZES,
-    _shape_points,
+    cell_patch_targets,
+    draw_shape,
     held_out_seeds,
     is_held_out,
     train_seed_stream,
@@ -140,15 +141,8 @@ def _draw(objects: Sequence[RichObject], rng: random.Random) -> Image.Image:
         r = rng.uniform(19.0, 21.5) if obj.size == "large" else rng.uniform(13.0, 14.5)
         cx = (obj.cell[1] + 0.5) * cell + rng.uniform(-3, 3)
         cy = (obj.cell[0] + 0.5) * cell + rng.uniform(-3, 3)
-        fill = COLOURS[obj.colour]
         X, Y, R = cx * s, cy * s, r * s
-        if obj.shape == "circle":
-            draw.ellipse((X - R, Y - R, X + R, Y + R), fill=fill)
-        elif obj.shape == "square":
-            h = 0.85 * R
-            draw.rectangle((X - h, Y - h, X + h, Y + h), fill=fill)
-        else:
-            draw.polygon(_shape_points(obj.shape, X, Y, R), fill=fill)
+        draw_shape(draw, obj.shape, COLOURS[obj.colour], X, Y, R)
         # Triangles and stars are narrow at the top: their digit sits lower and smaller.
         low = obj.shape in ("triangle", "star")
         _draw_digit(draw, obj.label, X, Y + (0.18 * R if low else 0), (0.62 if low else 0.9) * R)
@@ -325,20 +319,10 @@ def caption(scene: RichScene) -> str:
 
 
 def patch_targets(scene: RichScene, patch_size: int) -> torch.Tensor:
-    """(patches, 5) probe targets for the cell under each patch's centre: the cell index, and the
-    colour, shape, size and label of its object (each 0 for an empty cell, else 1 + index)."""
-    side = IMAGE_SIZE // patch_size
-    by_cell = {obj.cell: obj for obj in scene.objects}
+    """Probe targets per image token: the cell, and its object's colour, shape, size and label."""
     colours = list(COLOURS)
-    rows = []
-    for patch in range(side * side):
-        y, x = ((patch // side + 0.5) * patch_size, (patch % side + 0.5) * patch_size)
-        cell = (int(y * GRID // IMAGE_SIZE), int(x * GRID // IMAGE_SIZE))
-        obj = by_cell.get(cell)
-        attributes = ((colours.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size), obj.label - 1)
-                      if obj else (-1,) * 4)
-        rows.append((cell[0] * GRID + cell[1], *(1 + a for a in attributes)))
-    return torch.tensor(rows)
+    return cell_patch_targets(scene.objects, IMAGE_SIZE, GRID, patch_size, lambda obj: (
+        colours.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size), obj.label - 1), 4)
 
 
 PROBE_CLASSES = (GRID * GRID, len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(LABELS) + 1)

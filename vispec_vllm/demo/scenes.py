@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +151,18 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     ]
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, fill: tuple[int, int, int], cx: float, cy: float,
+               r: float) -> None:
+    """One filled shape of radius `r` centred on (cx, cy)."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = 0.85 * r  # a square of the circle's radius looks bigger than the circle
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
+
+
 def _draw(objects: Sequence[SceneObject], rng: random.Random) -> Image.Image:
     """White image; each object at its cell's centre, jittered by up to 2 pixels, radius by size.
 
@@ -167,15 +179,7 @@ def _draw(objects: Sequence[SceneObject], rng: random.Random) -> Image.Image:
         slack = min(cell / 2 - r - 1.5, 2.0)
         cx = (obj.cell[1] + 0.5) * cell + rng.uniform(-slack, slack)
         cy = (obj.cell[0] + 0.5) * cell + rng.uniform(-slack, slack)
-        fill = COLOURS[obj.colour]
-        cx, cy, r = cx * s, cy * s, r * s
-        if obj.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif obj.shape == "square":
-            h = 0.85 * r  # a square of the circle's radius looks bigger than the circle
-            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        else:
-            draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=fill)
+        draw_shape(draw, obj.shape, COLOURS[obj.colour], cx * s, cy * s, r * s)
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
 
 
@@ -343,20 +347,27 @@ def caption(scene: Scene) -> str:
     return f"{_capitalise(_plural(len(scene.objects), 'shape'))}: {names}."
 
 
-def patch_targets(scene: Scene, patch_size: int) -> torch.Tensor:
-    """(patches, 4) probe targets: for the cell under each patch's centre, the cell index and the
-    colour, shape and size of the object in that cell (each 0 for an empty cell, else 1 + index)."""
-    side = IMAGE_SIZE // patch_size
-    by_cell = {obj.cell: obj for obj in scene.objects}
-    colours = list(COLOURS)
+def cell_patch_targets(objects: Sequence, image_size: int, grid: int, patch_size: int,
+                       attributes: Callable[[object], tuple[int, ...]], num_attributes: int) -> torch.Tensor:
+    """(patches, 1 + num_attributes) probe targets: for the grid cell under each patch's centre, the
+    cell index and `attributes` of the object in that cell, each shifted by one (0: empty cell)."""
+    side = image_size // patch_size
+    by_cell = {obj.cell: obj for obj in objects}
     rows = []
     for patch in range(side * side):
         y, x = ((patch // side + 0.5) * patch_size, (patch % side + 0.5) * patch_size)
-        cell = (int(y * GRID // IMAGE_SIZE), int(x * GRID // IMAGE_SIZE))
+        cell = (int(y * grid // image_size), int(x * grid // image_size))
         obj = by_cell.get(cell)
-        attributes = (colours.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size)) if obj else (-1,) * 3
-        rows.append((cell[0] * GRID + cell[1], *(1 + a for a in attributes)))
+        values = attributes(obj) if obj else (-1,) * num_attributes
+        rows.append((cell[0] * grid + cell[1], *(1 + a for a in values)))
     return torch.tensor(rows)
+
+
+def patch_targets(scene: Scene, patch_size: int) -> torch.Tensor:
+    """Probe targets per image token: the cell, and its object's colour, shape and size."""
+    colours = list(COLOURS)
+    return cell_patch_targets(scene.objects, IMAGE_SIZE, GRID, patch_size, lambda obj: (
+        colours.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size)), 3)
 
 
 # The probe's classes per image token: its grid cell, and its object's colour, shape and size.

@@ -32,6 +32,17 @@ def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"shard_{index:05d}.pt"
 
 
+def missing_shards(out_dir: Path, num_samples: int, shard_size: int) -> list[int]:
+    """Indices of the shards of `num_samples` records not yet written (a rerun resumes past the rest)."""
+    return [k for k in range((num_samples + shard_size - 1) // shard_size) if not shard_path(out_dir, k).exists()]
+
+
+def write_shard(out_dir: Path, index: int, records: list[dict[str, torch.Tensor]]) -> None:
+    partial = shard_path(out_dir, index).with_suffix(".partial")
+    torch.save(records, partial)
+    partial.rename(shard_path(out_dir, index))  # a shard exists only once complete
+
+
 def load_records(data_dir: str | Path) -> list[dict[str, torch.Tensor]]:
     records: list[dict[str, torch.Tensor]] = []
     for shard in sorted(Path(data_dir).glob("shard_*.pt")):
@@ -131,8 +142,7 @@ def generate_training_data(
 
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    num_shards = (num_samples + shard_size - 1) // shard_size
-    todo = [k for k in range(num_shards) if not shard_path(out_dir, k).exists()]
+    todo = missing_shards(out_dir, num_samples, shard_size)
     if not todo:
         return out_dir
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -146,11 +156,8 @@ def generate_training_data(
         indices = range(k * shard_size, min((k + 1) * shard_size, num_samples))
         prompts = [prompt_factory(i) for i in indices]
         outputs = llm.chat(prompts, sampling, use_tqdm=False)
-        records = [recorder.record(messages, out.prompt_token_ids, out.outputs[0].token_ids)
-                   for messages, out in zip(prompts, outputs, strict=True)]
-        partial = shard_path(out_dir, k).with_suffix(".partial")
-        torch.save(records, partial)
-        partial.rename(shard_path(out_dir, k))  # a shard exists only once complete
+        write_shard(out_dir, k, [recorder.record(messages, out.prompt_token_ids, out.outputs[0].token_ids)
+                                 for messages, out in zip(prompts, outputs, strict=True)])
     return out_dir
 
 
@@ -236,8 +243,7 @@ def reference_data(target_dir: str | Path, out_dir: str | Path, example_factory:
     `generate_training_data`."""
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    num_shards = (num_samples + shard_size - 1) // shard_size
-    todo = [k for k in range(num_shards) if not shard_path(out_dir, k).exists()]
+    todo = missing_shards(out_dir, num_samples, shard_size)
     if not todo:
         return out_dir
     recorder = TargetRecorder(target_dir)
@@ -247,7 +253,5 @@ def reference_data(target_dir: str | Path, out_dir: str | Path, example_factory:
             messages, answer = example_factory(i)
             prompt_ids, answer_ids = recorder.tokenize_answer(messages, answer)
             records.append(recorder.record(messages, prompt_ids, answer_ids))
-        partial = shard_path(out_dir, k).with_suffix(".partial")
-        torch.save(records, partial)
-        partial.rename(shard_path(out_dir, k))
+        write_shard(out_dir, k, records)
     return out_dir
