@@ -24,18 +24,25 @@ import torch
 from PIL import Image, ImageDraw
 
 from vispec_vllm.demo.scenes import (
+    _NUMBERS,
     COLOURS,
     HELD_OUT_START,
     SHAPES,
     SIZES,
+    _be,
+    _capitalise,
+    _plural,
+    caption,
     cell_patch_targets,
+    chat,
     draw_shape,
     held_out_seeds,
     is_held_out,
     train_seed_stream,
 )
 
-__all__ = ["HELD_OUT_START", "held_out_seeds", "is_held_out", "train_seed_stream"]
+# Shared with the 36-token scenes: the split, the chat layout and the short captions.
+__all__ = ["HELD_OUT_START", "caption", "chat", "held_out_seeds", "is_held_out", "train_seed_stream"]
 
 IMAGE_SIZE = 192
 GRID = 4
@@ -52,7 +59,6 @@ COMPARE_PROMPT = "Compare these two images."
 COMPARE_FRACTION = 0.15  # of training conversations, with two images
 _ROWS = ("top", "second", "third", "bottom")
 _COLUMNS = ("first", "second", "third", "fourth")
-_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _SUPERSAMPLE = 3
 # Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom),
 # e (bottom left), f (top left), g (middle).
@@ -149,14 +155,6 @@ def _draw(objects: Sequence[RichObject], rng: random.Random) -> Image.Image:
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
 
 
-def _capitalise(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{_NUMBERS[count]} {word}" + ("" if count == 1 else "s")
-
-
 def _object_sentence(obj: RichObject, rng: random.Random) -> str:
     place = _capitalise(obj.place)
     return rng.choice((
@@ -184,9 +182,9 @@ def _summary_sentences(objects: Sequence[RichObject]) -> list[str]:
     large = sum(obj.size == "large" for obj in objects)
     highest = max(objects, key=lambda obj: obj.label)
     return [
-        f"By colour, there {'is' if len(objects) == 1 else 'are'} {listing}.",
-        f"{_capitalise(_NUMBERS[large])} of them {'is' if large == 1 else 'are'} large and "
-        f"{_NUMBERS[len(objects) - large]} {'is' if len(objects) - large == 1 else 'are'} small.",
+        f"By colour, there {_be(len(objects))} {listing}.",
+        f"{_capitalise(_NUMBERS[large])} of them {_be(large)} large and "
+        f"{_NUMBERS[len(objects) - large]} {_be(len(objects) - large)} small.",
         f"The highest number is {highest.label}, on the {highest.name}.",
     ]
 
@@ -261,17 +259,6 @@ def make_pair(seed: int) -> ScenePair:
     return ScenePair(first=a, second=b, comparison=_comparison(a.objects, b.objects))
 
 
-def chat(turns: Sequence[tuple[str, str | None]], num_images: int = 1) -> list[dict]:
-    """Chat messages, `num_images` image parts in the first user turn (the LLaVA layout)."""
-    messages: list[dict] = []
-    for i, (question, answer) in enumerate(turns):
-        text = {"type": "text", "text": question}
-        messages.append({"role": "user", "content": [*([{"type": "image"}] * num_images), text] if i == 0 else [text]})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
 def training_example(seed: int) -> tuple[list[RichScene], list[dict]]:
     """The scenes and chat messages of training example `seed`: usually one scene's conversation,
     for COMPARE_FRACTION of seeds the comparison of two scenes."""
@@ -309,13 +296,6 @@ def scene_texts(seeds: Sequence[int]) -> Iterator[str]:
             yield question
             yield answer
         yield _comparison(objects, _objects_and_texts(pair_seeds(seed)[1])[0])
-
-
-def caption(scene: RichScene) -> str:
-    """A short reference caption written by the scene generator (the `eagle-captions` baseline's
-    fine-tuning data): how many shapes, and their colours and shapes."""
-    names = ", ".join(f"{'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.name}" for obj in scene.objects)
-    return f"{_capitalise(_plural(len(scene.objects), 'shape'))}: {names}."
 
 
 def patch_targets(scene: RichScene, patch_size: int) -> torch.Tensor:

@@ -57,7 +57,8 @@ _PLACES = {
     (2, 1): "at the bottom",
     (2, 2): "in the bottom right corner",
 }
-_NUMBERS = ("no", "one", "two", "three", "four")
+# Counts up to nine: the rich scenes (`rich_scenes.py`) share these helpers.
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _NONE_OR = ("none", *_NUMBERS[1:])
 _ORDINALS = ("first", "second", "third", "fourth")
 _SUPERSAMPLE = 4  # shapes are drawn 4x larger and downsampled, so their edges are smooth
@@ -294,15 +295,15 @@ def make_scene(seed: int) -> Scene:
     return Scene(seed=seed, image=image, objects=objects, description=description, qa=qa, turns=turns)
 
 
-def chat(turns: Sequence[tuple[str, str | None]]) -> list[dict]:
-    """Chat messages for `turns`, with the image in the first user turn (the LLaVA layout).
+def chat(turns: Sequence[tuple[str, str | None]], num_images: int = 1) -> list[dict]:
+    """Chat messages for `turns`, with `num_images` images in the first user turn (the LLaVA layout).
 
     An answer of None ends the messages with that user turn: a prompt for the model to answer.
     """
     messages: list[dict] = []
     for i, (question, answer) in enumerate(turns):
         text = {"type": "text", "text": question}
-        messages.append({"role": "user", "content": [{"type": "image"}, text] if i == 0 else [text]})
+        messages.append({"role": "user", "content": [*[{"type": "image"}] * num_images, text] if i == 0 else [text]})
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
     return messages
@@ -340,9 +341,9 @@ def training_prompt(seed: int) -> tuple[list[Scene], list[dict]]:
     return [make_scene(seed)], describe_messages()
 
 
-def caption(scene: Scene) -> str:
+def caption(scene) -> str:
     """A short reference caption written by the scene generator (the `eagle-captions` baseline's
-    fine-tuning data): how many shapes, and their colours and shapes."""
+    fine-tuning data): how many shapes, and their colours and shapes (either scene kind)."""
     names = ", ".join(f"{'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.colour} {obj.shape}" for obj in scene.objects)
     return f"{_capitalise(_plural(len(scene.objects), 'shape'))}: {names}."
 
