@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 venv=.venv
 stamp="$venv/.vispec-setup-stamp"
-want="$(cat setup.py scripts/setup-venv.sh | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml setup.py scripts/setup-venv.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   exit 0
 fi

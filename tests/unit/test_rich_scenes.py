@@ -117,3 +117,23 @@ def test_patch_targets_match_the_drawn_cells(scenes):
         assert targets[centre, 0] == row * GRID + col
         assert targets[centre, 4] == obj.label  # label classes are 1 + (label - 1)
     assert (targets[:, 1] == 0).sum() == 36 * (GRID * GRID - len(scene.objects))
+
+
+def test_held_out_layouts_never_occur_in_training():
+    """Held out by content: no layout (set of occupied cells) of an evaluation scene, a comparison's
+    second scene included, is the layout of any scene in the training stream."""
+    import itertools
+
+    held_out = held_out_seeds(200)
+    comparisons = [seed for seed in held_out if rich_scenes._is_comparison(seed)]
+    assert comparisons, "the held-out set has two-image prompts"
+    held_out_layouts = {rich_scenes.layout(s) for seed in held_out for s in rich_scenes._example_scene_seeds(seed)}
+    training = list(itertools.islice(rich_scenes.train_seed_stream(0), 5000))
+    training_layouts = {rich_scenes.layout(s) for seed in training for s in rich_scenes._example_scene_seeds(seed)}
+    assert held_out_layouts and training_layouts and not held_out_layouts & training_layouts
+    assert all(rich_scenes.layout_is_held_out(cells) for cells in held_out_layouts)
+    assert all(seed >= rich_scenes.HELD_OUT_START for seed in held_out)
+    assert all(seed < rich_scenes.HELD_OUT_START for seed in training)
+    # The split is by layout, not by seed: some training-range seeds have held-out layouts and are skipped.
+    skipped = set(range(2000)) - set(itertools.islice(rich_scenes.train_seed_stream(0), 100_000))
+    assert any(rich_scenes.layout_is_held_out(rich_scenes.layout(seed)) for seed in skipped)

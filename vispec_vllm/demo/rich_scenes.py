@@ -9,7 +9,11 @@ real vision-language model is asked about:
   every object with its place and number, relations between neighbours (left of, above; larger or
   smaller number), then counts by colour and size;
 - comparisons of two images ("Compare these two images."), which put two images in one prompt.
-Seeds below `HELD_OUT_START` are for training, seeds from it on are held out for evaluation.
+Held out by content as well as by seed: a scene's layout (the set of grid cells it occupies) falls
+in one of eight buckets, and one bucket is never trained on. Training examples come from seeds below
+`HELD_OUT_START` whose layouts (both layouts, for a comparison) lie outside that bucket; held-out
+scenes from seeds from `HELD_OUT_START` on whose layouts lie inside it. So no layout of an evaluation
+scene occurs in training.
 """
 
 from __future__ import annotations
@@ -36,13 +40,12 @@ from vispec_vllm.demo.scenes import (
     cell_patch_targets,
     chat,
     draw_shape,
-    held_out_seeds,
     is_held_out,
-    train_seed_stream,
 )
+from vispec_vllm.demo.scenes import train_seed_stream as _seed_stream
 
-# Shared with the 36-token scenes: the split, the chat layout and the short captions.
-__all__ = ["HELD_OUT_START", "caption", "chat", "held_out_seeds", "is_held_out", "train_seed_stream"]
+# Shared with the 36-token scenes: the seed split, the chat layout and the short captions.
+__all__ = ["HELD_OUT_START", "caption", "chat", "is_held_out"]
 
 IMAGE_SIZE = 192
 GRID = 4
@@ -57,6 +60,7 @@ DESCRIBE_PROMPTS = (
 )
 COMPARE_PROMPT = "Compare these two images."
 COMPARE_FRACTION = 0.15  # of training conversations, with two images
+LAYOUT_BUCKETS = 8  # one of them is held out
 _ROWS = ("top", "second", "third", "bottom")
 _COLUMNS = ("first", "second", "third", "fourth")
 _SUPERSAMPLE = 3
@@ -121,6 +125,47 @@ def _layout(rng: random.Random) -> tuple[RichObject, ...]:
         RichObject(shape=shape, colour=colour, size=rng.choice(SIZES), label=label, cell=cell)
         for cell, (colour, shape), label in zip(cells, pairs, labels, strict=True)
     )
+
+
+def layout(seed: int) -> frozenset[tuple[int, int]]:
+    """The grid cells the scene of `seed` occupies (its layout), without drawing it."""
+    return frozenset(obj.cell for obj in _layout(random.Random(f"rich-{seed}")))
+
+
+def layout_is_held_out(cells: frozenset[tuple[int, int]]) -> bool:
+    """Whether a layout lies in the held-out bucket (a fixed hash of its cells, so the split is a
+    property of the content, not of the seed)."""
+    mask = sum(1 << (row * GRID + column) for row, column in cells)
+    return (mask * 2654435761) % 2**32 % LAYOUT_BUCKETS == 0
+
+
+def _example_scene_seeds(seed: int) -> tuple[int, ...]:
+    """The scene seeds of example (or prompt) `seed`: its own, and a comparison's second."""
+    return pair_seeds(seed) if _is_comparison(seed) else (seed,)
+
+
+def _example_layouts(seed: int) -> list[frozenset[tuple[int, int]]]:
+    """The layouts of every scene in training example (or prompt) `seed`: one, or two for a comparison."""
+    return [layout(s) for s in _example_scene_seeds(seed)]
+
+
+def held_out_seeds(count: int) -> list[int]:
+    """The first `count` held-out seeds, the evaluation set: from `HELD_OUT_START` on, and every
+    scene of the example (a comparison's second too) in a held-out layout."""
+    seeds: list[int] = []
+    seed = HELD_OUT_START
+    while len(seeds) < count:
+        if all(layout_is_held_out(cells) for cells in _example_layouts(seed)):
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def train_seed_stream(seed: int) -> Iterator[int]:
+    """An endless, seeded stream of training seeds whose scenes all lie outside the held-out layouts."""
+    for candidate in _seed_stream(seed):
+        if not any(layout_is_held_out(cells) for cells in _example_layouts(candidate)):
+            yield candidate
 
 
 def _draw_digit(draw: ImageDraw.ImageDraw, digit: int, cx: float, cy: float, height: float) -> None:
@@ -248,10 +293,14 @@ def _comparison(first: Sequence[RichObject], second: Sequence[RichObject]) -> st
 
 
 def pair_seeds(seed: int) -> tuple[int, int]:
-    """The two scene seeds of comparison `seed` (both training or both held out, as `seed` is)."""
-    base = HELD_OUT_START if is_held_out(seed) else 0
-    span = (2**31 if is_held_out(seed) else HELD_OUT_START)
-    return seed, base + (seed * 48271 + 11) % span
+    """The two scene seeds of comparison `seed` (both training or both held out, as `seed` is; a
+    held-out comparison's second scene is the next held-out seed in a held-out layout)."""
+    if not is_held_out(seed):
+        return seed, (seed * 48271 + 11) % HELD_OUT_START
+    second = HELD_OUT_START + (seed * 48271 + 11) % 2**31
+    while not layout_is_held_out(layout(second)):
+        second += 1
+    return seed, second
 
 
 def make_pair(seed: int) -> ScenePair:
@@ -259,10 +308,15 @@ def make_pair(seed: int) -> ScenePair:
     return ScenePair(first=a, second=b, comparison=_comparison(a.objects, b.objects))
 
 
+def _is_comparison(seed: int) -> bool:
+    """Whether example `seed` compares two images (COMPARE_FRACTION of seeds)."""
+    return random.Random(f"kind-{seed}").random() < COMPARE_FRACTION
+
+
 def training_example(seed: int) -> tuple[list[RichScene], list[dict]]:
     """The scenes and chat messages of training example `seed`: usually one scene's conversation,
     for COMPARE_FRACTION of seeds the comparison of two scenes."""
-    if random.Random(f"kind-{seed}").random() < COMPARE_FRACTION:
+    if _is_comparison(seed):
         pair = make_pair(seed)
         return [pair.first, pair.second], chat([(COMPARE_PROMPT, pair.comparison)], num_images=2)
     scene = make_scene(seed)
@@ -272,7 +326,7 @@ def training_example(seed: int) -> tuple[list[RichScene], list[dict]]:
 def training_prompt(seed: int) -> tuple[list[RichScene], list[dict]]:
     """The scenes and the prompt (no answer) of draft-training example `seed`: a description
     request, or for COMPARE_FRACTION of seeds a comparison of two images."""
-    if random.Random(f"kind-{seed}").random() < COMPARE_FRACTION:
+    if _is_comparison(seed):
         pair = make_pair(seed)
         return [pair.first, pair.second], compare_messages()
     return [make_scene(seed)], describe_messages()

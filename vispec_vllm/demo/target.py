@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from tqdm import tqdm
 
 from vispec_vllm.demo import rich_scenes, scenes
 from vispec_vllm.factory.hf_targets import (
@@ -70,6 +71,7 @@ class TargetRecipe:
     vision_batch_size: int  # images per step of the vision warm-up
     max_new_tokens: int  # long enough for the longest reference answer
     default_minutes: float
+    text_layers: int = 4  # decoder layers of the language model (width: TEXT_DIMS)
 
     @property
     def image_size(self) -> int:
@@ -87,7 +89,14 @@ SMALL = TargetRecipe("scene-llava", scenes, patch_size=16, batch_size=8, vision_
 # 192x192 images in 8-pixel patches: 576 image tokens, LLaVA-1.5's count (336 px / 14 px).
 LLAVA15_SCALE = TargetRecipe("scene-llava-576", rich_scenes, patch_size=8, batch_size=4, vision_batch_size=8,
                              max_new_tokens=448, default_minutes=65.0)
+# LLaVA-1.5 layout and scenes with a real VLM's depth ratio: 16 decoder layers against the draft's
+# one (LLaVA-1.5-7B has 32, Qwen2.5-VL-7B 28), so a draft forward is a small share of a target step.
+# Trained from scratch, not grown from scene-llava-576: that target has seen scenes in every layout,
+# and this one must never have seen an evaluation layout (rich_scenes holds layouts out by content).
+DEEP = TargetRecipe("scene-llava-deep", rich_scenes, patch_size=8, batch_size=4, vision_batch_size=8,
+                    max_new_tokens=448, default_minutes=240.0, text_layers=16)
 RECIPES = {recipe.num_image_tokens: recipe for recipe in (SMALL, LLAVA15_SCALE)}
+RECIPES_BY_NAME = {recipe.name: recipe for recipe in (SMALL, LLAVA15_SCALE, DEEP)}
 # The 36-token target's names, kept for its tests and tools.
 PATCH_SIZE = SMALL.patch_size
 NUM_IMAGE_TOKENS = SMALL.num_image_tokens
@@ -108,7 +117,8 @@ def build_demo_target(seed: int = 0, recipe: TargetRecipe = SMALL):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = build_scene_tokenizer(recipe)
-    text_config = llama_text_config(tok, vocab_size=VOCAB_SIZE, **TEXT_DIMS)
+    text_dims = {**TEXT_DIMS, "num_hidden_layers": recipe.text_layers}
+    text_config = llama_text_config(tok, vocab_size=VOCAB_SIZE, **text_dims)
     text_config["head_dim"] = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
     vision_config = {
         **clip_vision_config(),
@@ -231,6 +241,17 @@ def _export(model, processor, recipe: TargetRecipe, out_dir: Path) -> None:
     save_target(model, processor, out_dir, to_llava_hf_layout(model.state_dict()))
 
 
+def _compact_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state with its moment tensors in bfloat16: the state file is small enough to
+    keep in version control between sessions (`load_state_dict` casts them back to the parameters'
+    float32)."""
+    state = optimizer.state_dict()
+    state["state"] = {index: {key: value.bfloat16() if value.is_floating_point() and value.dim() else value
+                              for key, value in moments.items()}
+                      for index, moments in state["state"].items()}
+    return state
+
+
 def _checkpoint(model, probe, optimizer, processor, recipe: TargetRecipe, out_dir: Path, step: int, seen: int,
                 elapsed: float) -> None:
     state_path = out_dir / STATE_FILE
@@ -238,7 +259,7 @@ def _checkpoint(model, probe, optimizer, processor, recipe: TargetRecipe, out_di
     state = dict(
         model=model.state_dict(),
         probe=probe.state_dict(),
-        optimizer=optimizer.state_dict(),
+        optimizer=_compact_optimizer_state(optimizer),
         step=step,
         seen=seen,
         elapsed=elapsed,
@@ -289,6 +310,10 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
     model.train()
     last_checkpoint = time.monotonic()
     running = None
+    # Progress over the time budget: the bar counts seconds, so its ETA is the time left to train.
+    progress = tqdm(total=round(budget), initial=round(time.monotonic() - started), unit="s", mininterval=10,
+                    desc=recipe.name, bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} s "
+                    "[{elapsed}<{remaining}] {postfix}")
     while (elapsed := time.monotonic() - started) < budget:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(elapsed / budget)
@@ -311,12 +336,17 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         step, seen = step + 1, seen + count
+        progress.update(round(time.monotonic() - started) - progress.n)
+        progress.set_postfix_str(f"step {step}, " + ("vision warm-up" if loss is None else
+                                 f"loss {loss.item():.3f} (avg {running:.3f})") + f", probe {probe_loss.item():.3f}",
+                                 refresh=False)
         if step % 50 == 0:
             text = "vision warm-up" if loss is None else f"loss {loss.item():.4f}  avg {running:.4f}"
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  {text}  probe {probe_loss.item():.4f}", flush=True)
+            progress.write(f"step {step:5d}  {elapsed / 60:5.1f} min  {text}  probe {probe_loss.item():.4f}")
         if time.monotonic() - last_checkpoint > CHECKPOINT_EVERY_S:
             _checkpoint(model, probe, optimizer, processor, recipe, out_dir, step, seen, time.monotonic() - started)
             last_checkpoint = time.monotonic()
+    progress.close()
     model.eval()
     _checkpoint(model, probe, optimizer, processor, recipe, out_dir, step, seen, time.monotonic() - started)
     print(f"saved {out_dir} after {step} steps, {seen} examples, {elapsed / 60:.1f} min", flush=True)
@@ -362,12 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--image-tokens", type=int, default=SMALL.num_image_tokens, choices=sorted(RECIPES),
                         help="which demo target: 36 (96 px, 16 px patches) or 576 (192 px, 8 px patches)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES_BY_NAME),
+                        help="a recipe by name (overrides --image-tokens), e.g. scene-llava-deep")
     parser.add_argument("--minutes", type=float, default=None, help="total training time (default: 12 or 65)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=20, help="held-out images to evaluate on (0: none)")
     args = parser.parse_args(argv)
-    recipe = RECIPES[args.image_tokens]
+    recipe = RECIPES_BY_NAME[args.recipe] if args.recipe else RECIPES[args.image_tokens]
     train_demo_target(args.out_dir, args.minutes, args.seed, recipe, args.threads)
     if args.eval_images:
         score = evaluate_descriptions(args.out_dir, args.eval_images, show=2, recipe=recipe)
