@@ -2,6 +2,8 @@
 
     python benchmarks/description_accuracy.py --image-tokens 576   # writes description_accuracy_576.json
     python benchmarks/description_accuracy.py --image-tokens 36    # writes description_accuracy.json
+    python benchmarks/description_accuracy.py --recipe scene-llava-deep --target DIR
+                                               # writes description_accuracy_scene-llava-deep.json
 
 For each of the first N held-out scenes, the target's greedy description (Hugging Face
 transformers, float32, up to the target's longest answer) is correct when the colour-shape pairs it
@@ -24,17 +26,19 @@ OUT = {36: RESULTS / "description_accuracy.json", 576: RESULTS / "description_ac
 
 def main() -> None:
     from vispec_vllm.demo.models import DEMO_PAIRS
-    from vispec_vllm.demo.target import RECIPES, generate_descriptions, names_every_object
+    from vispec_vllm.demo.target import RECIPES, RECIPES_BY_NAME, generate_descriptions, names_every_object
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-tokens", type=int, default=36, choices=sorted(DEMO_PAIRS))
+    parser.add_argument("--recipe", choices=sorted(RECIPES_BY_NAME), help="a target recipe by name "
+                        "(overrides --image-tokens; give --target unless the recipe's target is shipped)")
     parser.add_argument("--target", type=Path, help="default: the shipped target of the regime")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    recipe = RECIPES[args.image_tokens]
-    target = args.target or DEMO_PAIRS[args.image_tokens][0]
-    out = args.out or OUT[args.image_tokens]
+    recipe = RECIPES_BY_NAME[args.recipe] if args.recipe else RECIPES[args.image_tokens]
+    target = args.target or DEMO_PAIRS[recipe.num_image_tokens][0]
+    out = args.out or (RESULTS / f"description_accuracy_{args.recipe}.json" if args.recipe else OUT[args.image_tokens])
     scenes_module = recipe.scenes
     per_object = hasattr(scenes_module, "objects_described_correctly")
 
@@ -56,8 +60,11 @@ def main() -> None:
         return sum(item["correct"] for item in items) / len(items)
 
     first = scenes[:20]
-    report = {"machine": machine_description(), "target": target.name, "image_tokens": args.image_tokens,
-              "command": f"python benchmarks/description_accuracy.py --image-tokens {args.image_tokens}",
+    which = f"--recipe {args.recipe} --target {target}" if args.recipe else f"--image-tokens {args.image_tokens}"
+    report = {"machine": machine_description(), "target": target.name, "image_tokens": recipe.num_image_tokens,
+              "command": f"python benchmarks/description_accuracy.py {which}",
+              "held_out": "seeds from HELD_OUT_START on"
+              + (", in layouts never trained on (held out by content)" if hasattr(scenes_module, "layout") else ""),
               "criterion": "the colour-shape pairs the greedy description names are exactly the scene's objects",
               "correct_first_20": sum(s["correct"] for s in first), "rate_first_20": rate(first),
               "correct": sum(s["correct"] for s in scenes), "num_images": len(scenes), "rate": rate(scenes)}

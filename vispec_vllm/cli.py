@@ -56,9 +56,10 @@ def _train(args: argparse.Namespace) -> None:
 
 def _build_demo(args: argparse.Namespace) -> None:
     from vispec_vllm.demo.build import build_demo
-    from vispec_vllm.demo.target import RECIPES
+    from vispec_vllm.demo.target import RECIPES, RECIPES_BY_NAME
 
-    for name, path in build_demo(args.out_dir, RECIPES[args.image_tokens], args.target_minutes).items():
+    recipe = RECIPES_BY_NAME[args.recipe] if args.recipe else RECIPES[args.image_tokens]
+    for name, path in build_demo(args.out_dir, recipe, args.target_minutes).items():
         print(f"{name}: {path}")
 
 
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
                            "on 2 cores; resumable: run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])
-    build.add_argument("--target-minutes", type=float, default=None, help="default: 65 (576) or 12 (36)")
+    build.add_argument("--recipe", choices=["scene-llava", "scene-llava-576", "scene-llava-deep"],
+                       help="a target recipe by name (overrides --image-tokens); scene-llava-deep: 16 decoder "
+                       "layers, 240 training minutes")
+    build.add_argument("--target-minutes", type=float, default=None,
+                       help="default: the recipe's (65 for 576, 12 for 36, 240 for scene-llava-deep)")
     args = parser.parse_args(argv)
     {"tiny-models": _tiny_models, "demo": _demo, "train": _train, "build-demo": _build_demo}[args.command](args)
 

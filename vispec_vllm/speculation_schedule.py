@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vispec_vllm.cost_model import H100, H200, THIS_CPU, AcceptanceCurve, Hardware, LanguageModelShape, derive_schedule
@@ -138,3 +139,161 @@ class AdaptiveSchedule:
 
     def _close_to_current(self, acceptance: AcceptanceCurve) -> bool:
         return all(abs(acceptance(k) - self.derived_from(k)) <= CURVE_TOLERANCE for k in range(1, self.max_k + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Learning the schedule from measured step times while serving
+#
+# The cost model's overheads are fitted on one machine and one pair; elsewhere (another CPU, a
+# deeper target, a compiled draft) its predicted step times can be off by more than the margin
+# between two choices of K. So the scheduler also times its own steps. For each batch-size bucket
+# it keeps the mean seconds of steady decode steps at each K, and fits them with
+#     step seconds(K) = base + [K > 0] * drafting + K * per_draft_token
+# (least squares weighted by sample counts, so a K tried for a few steps borrows strength from the
+# K's measured often), then picks the K with the most tokens per second, tau(K) / step seconds(K),
+# tau being the measured mean acceptance length. Until a bucket has measured two K's, the cost
+# model's prediction is used, scaled by the bucket's measured error. Now and then a neighbouring
+# K (and K = 0, no speculation) is tried for a few steps, so that every estimate stays current;
+# the interval between such probes doubles while they confirm the choice.
+
+MIN_STEADY_SAMPLES = 4  # steady steps at (bucket, K) before that K counts as measured
+STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / STEP_TIME_WEIGHT samples
+PROBE_STEPS = 8  # steps of one probe; its first is a transition (verifies the previous K's drafts)
+FIRST_PROBE_INTERVAL = 64  # steps in a bucket between probes; doubles up to MAX_PROBE_INTERVAL
+MAX_PROBE_INTERVAL = 512
+SWITCH_MARGIN = 0.01  # a new K must promise this much more tokens/s than the K in force
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch sizes 1-4 each their own bucket; then 5-8, 9-16, 17-32, ... (the bucket's last size)."""
+    return batch if batch <= 4 else 1 << (batch - 1).bit_length()
+
+
+def _least_squares(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float] | None:
+    """Weighted least squares by the normal equations (at most 3 unknowns); None if singular."""
+    n = len(rows[0])
+    a = [[sum(w * r[i] * r[j] for r, w in zip(rows, weights, strict=True)) for j in range(n)] for i in range(n)]
+    b = [sum(w * r[i] * t for r, t, w in zip(rows, targets, weights, strict=True)) for i in range(n)]
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(col, n), key=lambda i: abs(a[i][col]))
+        if abs(a[pivot][col]) < 1e-12 * max(1.0, max(abs(x) for row in a for x in row)):
+            return None
+        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
+        for i in range(n):
+            if i != col:
+                f = a[i][col] / a[col][col]
+                a[i] = [x - f * y for x, y in zip(a[i], a[col], strict=True)]
+                b[i] -= f * b[col]
+    return [b[i] / a[i][i] for i in range(n)]
+
+
+@dataclass
+class MeasuredStepTimes:
+    """Mean seconds of steady steps per (batch bucket, K), and the fit over K that smooths them."""
+
+    seconds: dict[tuple[int, int], float] = field(default_factory=dict)
+    samples: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        key = (batch_bucket(batch), k)
+        count = self.samples.get(key, 0)
+        # A plain mean for the first samples, then a running mean that follows drift.
+        weight = max(1.0 / (count + 1), STEP_TIME_WEIGHT)
+        self.seconds[key] = seconds if count == 0 else (1 - weight) * self.seconds[key] + weight * seconds
+        self.samples[key] = count + 1
+
+    def measured(self, batch: int, max_k: int) -> dict[int, tuple[float, int]]:
+        """K -> (mean seconds, samples) for the K's of this batch's bucket measured enough."""
+        bucket = batch_bucket(batch)
+        return {k: (self.seconds[(bucket, k)], self.samples[(bucket, k)]) for k in range(max_k + 1)
+                if self.samples.get((bucket, k), 0) >= MIN_STEADY_SAMPLES}
+
+    def step_seconds(self, batch: int, max_k: int, predicted: Callable[[int, int], float]) -> list[float]:
+        """Step seconds at K = 0..max_k for this batch: the fit, else the scaled prediction."""
+        measured = self.measured(batch, max_k)
+        ks = sorted(measured)
+        features = [[1.0, float(k > 0), float(k)] for k in ks]
+        if not (0 in ks and len(ks) >= 3):  # the drafting step is not identifiable: fold it into base
+            features = [[1.0, float(k)] for k in ks]
+        if len(ks) >= 2:
+            weights = [min(measured[k][1], 1.0 / STEP_TIME_WEIGHT) for k in ks]
+            fit = _least_squares(features, [measured[k][0] for k in ks], weights)
+            if fit is not None:
+                if len(fit) == 2:
+                    fit = [fit[0], 0.0, fit[1]]
+                fitted = [fit[0] + fit[1] * (k > 0) + fit[2] * k for k in range(max_k + 1)]
+                if min(fitted) > 0:
+                    return fitted
+        ratios = sorted(seconds / predicted(batch, k) for k, (seconds, _) in measured.items())
+        scale = ratios[len(ratios) // 2] if ratios else 1.0
+        return [predicted(batch, k) * scale for k in range(max_k + 1)]
+
+    def tokens_per_second(self, batch: int, max_k: int, acceptance: AcceptanceCurve,
+                          predicted: Callable[[int, int], float]) -> list[float]:
+        """Expected tokens per second per request at K = 0..max_k."""
+        return [acceptance(k) / seconds
+                for k, seconds in enumerate(self.step_seconds(batch, max_k, predicted))]
+
+
+@dataclass
+class _BucketProbes:
+    """When a bucket next tries another K, and which."""
+
+    steps_until_probe: int = FIRST_PROBE_INTERVAL
+    interval: int = FIRST_PROBE_INTERVAL
+    probe_k: int | None = None
+    probe_steps_left: int = 0
+    best_before_probe: int | None = None
+    turn: int = 0  # cycles the probed K through the candidates
+
+
+@dataclass
+class OnlineSchedule:
+    """Per engine: the K for each step, from measured step times (see the section comment).
+
+    `predicted(batch, k)` gives the cost model's step seconds; `step_k` is called once per step
+    with the batch size about to be scheduled, `record_step` with each finished steady step.
+    """
+
+    max_k: int
+    predicted: Callable[[int, int], float]
+    times: MeasuredStepTimes = field(default_factory=MeasuredStepTimes)
+    probes: dict[int, _BucketProbes] = field(default_factory=dict)
+    chosen: dict[int, int] = field(default_factory=dict)  # the K in force per bucket
+
+    def record_step(self, batch: int, k: int, seconds: float) -> None:
+        self.times.observe(batch, k, seconds)
+
+    def best_k(self, batch: int, acceptance: AcceptanceCurve) -> int:
+        """The K with the most expected tokens/s; the K in force unless another beats it by SWITCH_MARGIN."""
+        rates = self.times.tokens_per_second(batch, self.max_k, acceptance, self.predicted)
+        best = max(range(self.max_k + 1), key=lambda k: (rates[k], -k))
+        current = self.chosen.get(batch_bucket(batch))
+        if current is not None and rates[best] <= (1 + SWITCH_MARGIN) * rates[current]:
+            best = current
+        self.chosen[batch_bucket(batch)] = best
+        return best
+
+    def step_k(self, batch: int, acceptance: AcceptanceCurve) -> int:
+        """K for the next step at this batch size: the best, or a probe's K while one runs."""
+        probes = self.probes.setdefault(batch_bucket(batch), _BucketProbes())
+        best = self.best_k(batch, acceptance)
+        if probes.probe_steps_left:
+            probes.probe_steps_left -= 1
+            if probes.probe_steps_left == 0:  # probe over: back off if it confirmed the choice
+                confirmed = best == probes.best_before_probe
+                probes.interval = min(2 * probes.interval, MAX_PROBE_INTERVAL) if confirmed else FIRST_PROBE_INTERVAL
+                probes.steps_until_probe = probes.interval
+            return probes.probe_k
+        probes.steps_until_probe -= 1
+        if probes.steps_until_probe > 0:
+            return best
+        candidates = sorted({k for k in (best - 1, best + 1, 0) if 0 <= k <= self.max_k and k != best})
+        if not candidates:
+            probes.steps_until_probe = probes.interval
+            return best
+        probes.probe_k = candidates[probes.turn % len(candidates)]
+        probes.turn += 1
+        probes.best_before_probe = best
+        probes.probe_steps_left = PROBE_STEPS - 1
+        return probes.probe_k

@@ -72,6 +72,9 @@ class TargetRecipe:
     max_new_tokens: int  # long enough for the longest reference answer
     default_minutes: float
     text_layers: int = 4  # decoder layers of the language model (width: TEXT_DIMS)
+    # A budget in optimizer steps (vision warm-up steps, conversation steps) instead of minutes:
+    # the same model whatever else the machine runs meanwhile, and across resumed sessions.
+    steps: tuple[int, int] | None = None
 
     @property
     def image_size(self) -> int:
@@ -93,8 +96,10 @@ LLAVA15_SCALE = TargetRecipe("scene-llava-576", rich_scenes, patch_size=8, batch
 # one (LLaVA-1.5-7B has 32, Qwen2.5-VL-7B 28), so a draft forward is a small share of a target step.
 # Trained from scratch, not grown from scene-llava-576: that target has seen scenes in every layout,
 # and this one must never have seen an evaluation layout (rich_scenes holds layouts out by content).
+# About 4 hours on 2 otherwise idle cores: ~47 min of vision warm-up (8,000 steps of 8 images),
+# then ~3 h of conversations (4,000 steps of 4).
 DEEP = TargetRecipe("scene-llava-deep", rich_scenes, patch_size=8, batch_size=4, vision_batch_size=8,
-                    max_new_tokens=448, default_minutes=240.0, text_layers=16)
+                    max_new_tokens=448, default_minutes=240.0, text_layers=16, steps=(8000, 4000))
 RECIPES = {recipe.num_image_tokens: recipe for recipe in (SMALL, LLAVA15_SCALE)}
 RECIPES_BY_NAME = {recipe.name: recipe for recipe in (SMALL, LLAVA15_SCALE, DEEP)}
 # The 36-token target's names, kept for its tests and tools.
@@ -274,8 +279,10 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
     """Train the demo target for `minutes` of wall time in total (default: the recipe's), resuming a
     checkpoint in `out_dir` if there is one; save it to `out_dir` and return that path.
 
+    A recipe with a step budget (`recipe.steps`) trains for that many steps instead, whatever `minutes`.
     Two stages, both on fresh training scenes (no scene is seen twice), with AdamW:
-    - for the first VISION_WARMUP_FRACTION of the time, the vision tower and projector alone learn
+    - for the first VISION_WARMUP_FRACTION of the time (or the recipe's vision steps), the vision
+      tower and projector alone learn
       the `PatchProbe` targets (an image costs a fraction of a conversation, so they see many);
     - then the whole model learns the conversations (cross-entropy on the assistant's tokens only),
       with the probe's loss kept on the image tokens.
@@ -300,7 +307,8 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
         optimizer.load_state_dict(state["optimizer"])
         step, seen = state["step"], state["seen"]
         started -= state["elapsed"]
-        print(f"resuming at step {step} ({state['elapsed'] / 60:.1f} of {budget / 60} min)", flush=True)
+        of = f"{sum(recipe.steps)} steps" if recipe.steps else f"{budget / 60} min"
+        print(f"resuming at step {step} ({state['elapsed'] / 60:.1f} min trained; budget {of})", flush=True)
     seeds = recipe.scenes.train_seed_stream(seed)
     for _ in range(seen):
         next(seeds)
@@ -310,15 +318,32 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
     model.train()
     last_checkpoint = time.monotonic()
     running = None
-    # Progress over the time budget: the bar counts seconds, so its ETA is the time left to train.
-    progress = tqdm(total=round(budget), initial=round(time.monotonic() - started), unit="s", mininterval=10,
-                    desc=recipe.name, bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} s "
-                    "[{elapsed}<{remaining}] {postfix}")
-    while (elapsed := time.monotonic() - started) < budget:
+    if recipe.steps:  # progress and the two stages by step
+        vision_steps, total_steps = recipe.steps[0], sum(recipe.steps)
+        progress = tqdm(total=total_steps, initial=step, unit="step", mininterval=10, desc=recipe.name,
+                        bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} steps "
+                        "[{elapsed}<{remaining}] {postfix}")
+
+        def fraction_done(_elapsed: float) -> float:
+            return step / total_steps
+
+        def in_vision_warmup(_elapsed: float) -> bool:
+            return step < vision_steps
+    else:  # by wall time: the bar counts seconds, so its ETA is the time left to train
+        progress = tqdm(total=round(budget), initial=round(time.monotonic() - started), unit="s", mininterval=10,
+                        desc=recipe.name, bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} s "
+                        "[{elapsed}<{remaining}] {postfix}")
+
+        def fraction_done(elapsed: float) -> float:
+            return elapsed / budget
+
+        def in_vision_warmup(elapsed: float) -> bool:
+            return elapsed < VISION_WARMUP_FRACTION * budget
+    while fraction_done(elapsed := time.monotonic() - started) < 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(elapsed / budget)
+            group["lr"] = _learning_rate(fraction_done(elapsed))
         image_tokens.clear()
-        if elapsed < VISION_WARMUP_FRACTION * budget:
+        if in_vision_warmup(elapsed):
             batch_scenes = [recipe.scenes.make_scene(next(seeds)) for _ in range(recipe.vision_batch_size)]
             pixels, probe_targets = _images(processor, recipe, batch_scenes)
             model.model.get_image_features(pixel_values=pixels)
@@ -336,7 +361,7 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         step, seen = step + 1, seen + count
-        progress.update(round(time.monotonic() - started) - progress.n)
+        progress.update(1 if recipe.steps else round(time.monotonic() - started) - progress.n)
         progress.set_postfix_str(f"step {step}, " + ("vision warm-up" if loss is None else
                                  f"loss {loss.item():.3f} (avg {running:.3f})") + f", probe {probe_loss.item():.3f}",
                                  refresh=False)
