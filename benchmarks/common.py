@@ -1,5 +1,6 @@
 """What the benchmark scripts share: where results go, the machine's description, held-out prompts,
-servers started side by side, Prometheus parsing, summary statistics and the JSON + PNG writer.
+servers started side by side, summary statistics and the JSON + PNG writer. (A server's
+`/metrics` text is read by `vispec_vllm.demo.server.metric_total`, the demo's parser.)
 
 Importing this module does nothing but define names: no environment variable is set, and vLLM,
 torch and the plugin's tooling are imported inside the functions that need them.
@@ -12,7 +13,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -98,12 +98,6 @@ def start_servers(stack: contextlib.ExitStack, setups: dict[str, tuple[list[str]
     for server in servers.values():
         server.wait_until_healthy()
     return servers
-
-
-def metric_value(metrics_text: str, name: str) -> float:
-    """Sum of a Prometheus metric's samples (over labels such as the engine index)."""
-    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for value in pattern.findall(metrics_text))
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from common import (
     format_duration,
     held_out_scene_seed,
     machine_description,
-    metric_value,
     pyplot,
     spread_fields,
     start_servers,
@@ -100,12 +99,16 @@ class EngineLoadSampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        from vispec_vllm.demo.server import metric_total
+
         while not self._stop.wait(self.interval_s):
-            self.running_samples.append(metric_value(self.server.metrics(), "vllm:num_requests_running"))
+            self.running_samples.append(metric_total(self.server.metrics(), "vllm:num_requests_running"))
 
     def _counters(self) -> dict[str, float]:
+        from vispec_vllm.demo.server import metric_total
+
         metrics = self.server.metrics()
-        return {name: metric_value(metrics, metric) for name, metric in self.COUNTERS.items()}
+        return {name: metric_total(metrics, metric) for name, metric in self.COUNTERS.items()}
 
     def __enter__(self) -> EngineLoadSampler:
         self._before = self._counters()

@@ -35,13 +35,14 @@ A. Patched (replaced through `wrap`)
   why        build ViSpecProposer where the model runner builds an EagleProposer for a ViSpec draft
   upstream   RFC #36219 (proposer registry, open); PR #39487 added method "custom_class", which in
              0.32 gets token ids only, no target hidden states, so it cannot host an EAGLE-style draft
-  can go     when vLLM lets a plugin register an EAGLE-style proposer class
+  can go     when vLLM lets a plugin register an EAGLE-style proposer class (0.34's
+             register_speculative_method does, for Model Runner V2 only: docs/vllm-versions.md)
 
   symbol     config.vllm.VllmConfig._get_v2_model_runner_unsupported_features (patches/model_runner_choice.py)
   process    any (read by VllmConfig.use_v2_model_runner)
   why        keep ViSpec drafts on the V1 model runner, whose EAGLE proposer ViSpecProposer extends
   upstream   none known
-  can go     when ViSpec has a Model Runner V2 speculator, or V1 is the only runner
+  can go     when ViSpec has a Model Runner V2 speculator (docs/vllm-versions.md)
 
   symbol     engine.arg_utils.EngineArgs.add_cli_args (staticmethod), EngineArgs.from_cli_args
              (classmethod)                                                (patches/serve_flags.py)
@@ -99,14 +100,16 @@ A. Patched (replaced through `wrap`)
   why        the CPU stand-in for rejection_sampler.expand_kernel fills a converted copy of its output,
              so sampling at temperature > 0 read uninitialised temperature / top-k / top-p
   upstream   PR #42638 (closed; an earlier form of the same symptom on CPU); none for 0.32's stand-in
-  can go     when vLLM's CPU fallback writes into its output tensor
+  can go     when vLLM's CPU fallback writes into its output tensor (issue #55005, fix PR #55006,
+             open); report and reproduction: docs/upstream.md §1
 
   symbol     v1.sample.ops.topk_topp_sampler.apply_top_k_only            (patches/cpu_sampling_fallbacks.py)
   process    worker (CPU platform without Triton only)
   why        a verify step with no draft tokens hands it logits of shape [0, vocab]; `k.max()` of
              an empty tensor raised and stopped the engine for any request with top_k set
   upstream   none known
-  can go     when apply_top_k_only returns early on an empty batch
+  can go     when apply_top_k_only returns early on an empty batch; report and reproduction:
+             docs/upstream.md §2
 
   symbol     v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.__init__ and
              .prepare_next_token_ids_padded                               (patches/eagle_chunk_boundary.py)
@@ -118,7 +121,8 @@ A. Patched (replaced through `wrap`)
   reads      GPUModelRunner.discard_request_mask.np, .optimistic_seq_lens_cpu
   upstream   none known
   can go     when the padded path takes get_token_id(num_computed + num_scheduled), as the unpadded
-             path (prepare_next_token_ids_cpu) already does
+             path (prepare_next_token_ids_cpu) already does; report and reproduction:
+             docs/upstream.md §3
 
   symbol     importlib.metadata.version (as read by entrypoints.cli.main.main) (patches/cli_version.py)
   process    the `vispec-vllm serve|bench` process only (API server)

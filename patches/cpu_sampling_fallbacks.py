@@ -17,14 +17,15 @@ for every speculative method (it is vLLM's bug; any speculative CPU user hits it
 worker registers its CPU kernel overrides (`WorkerBase.init_worker` loads general plugins, then
 calls `current_platform.register_triton_kernel_overrides()`, which reads the module attribute).
 Guard: the CPU platform without Triton (where vLLM registers these fallbacks), vLLM 0.32.0 (the
-plugin loads under no other). It can go when vLLM's CPU fallback writes into `output` itself.
+plugin loads under no other). It can go when vLLM's CPU fallback writes into `output` itself
+(vLLM issue #55005, fix PR #55006; docs/upstream.md §1).
 
 Second unit, same process: `vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_only`, the
 sort-free top-k that vLLM uses where it may sync with the host (CPU). On a verify step whose
 requests carry no draft tokens, the rejection sampler hands it logits of shape [0, vocab], and
 `k.max()` of an empty tensor raises: one request with `top_k` set and speculation on stopped the
 whole engine. An empty batch has nothing to mask, so it is returned as it is. It can go when
-vLLM's `apply_top_k_only` returns early on an empty batch.
+vLLM's `apply_top_k_only` returns early on an empty batch (docs/upstream.md §2).
 """
 
 from __future__ import annotations

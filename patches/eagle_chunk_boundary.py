@@ -17,7 +17,7 @@ partial prefills, `discard_request_mask`) with `get_token_id(s)`, s from the run
 `optimistic_seq_lens_cpu`; a loop over those requests only, on host copies vLLM already holds.
 `__init__` is wrapped to keep the runner, which vLLM passes to the proposer but does not store.
 Guard: proposers built without a runner are left as vLLM made them. It can go when vLLM's padded
-path picks the token after the chunk.
+path picks the token after the chunk (docs/upstream.md §3).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_image
 
-from vispec_vllm.demo.server import VLLMServer, image_data_url
+from vispec_vllm.demo.server import VLLMServer, image_data_url, metric_samples
 
 pytestmark = pytest.mark.server
 
@@ -21,10 +21,9 @@ IMAGES = [("red", "ellipse"), ("blue", "rectangle"), ("green", "ellipse"), ("red
 
 
 def misses(metrics_text: str) -> float | None:
-    for line in metrics_text.splitlines():
-        if line.startswith("vispec:image_state_misses_total "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    """The API server's count, or None when it does not export the counter at all."""
+    samples = metric_samples(metrics_text, "vispec:image_state_misses_total")
+    return sum(value for _, value in samples) if samples else None
 
 
 def test_misses_reach_the_api_servers_metrics(tiny_models, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from vispec_vllm.demo.server import VLLMServer, image_data_url
+from vispec_vllm.demo.server import VLLMServer, image_data_url, metric_total
 
 pytestmark = pytest.mark.server
 
@@ -106,20 +106,7 @@ def test_concurrent_load_matches_server_without_speculation(servers, plain_outpu
         results = list(pool.map(lambda i: send(vispec, i), range(NUM_REQUESTS)))
     assert [status for status, _ in results] == [200] * NUM_REQUESTS
     assert [text for _, text in results] == plain_outputs
-    metrics = vispec.metrics()
-    assert "vllm:spec_decode_num_drafts_total" in metrics
-    drafts = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                 if line.startswith("vllm:spec_decode_num_drafts_total"))
-    assert drafts > 0
-
-
-def counter_values(metrics_text: str, name: str) -> dict[str, float]:
-    values = {}
-    for line in metrics_text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line.rsplit(" ", 1)
-            values[labels[len(name):]] = float(value)
-    return values
+    assert metric_total(vispec.metrics(), "vllm:spec_decode_num_drafts_total") > 0
 
 
 def test_per_request_and_per_prompt_kind_speculative_metrics(servers):
@@ -132,10 +119,13 @@ def test_per_request_and_per_prompt_kind_speculative_metrics(servers):
     status, text_body = vispec.chat("Count the objects.", max_tokens=MAX_TOKENS)
     assert status == 200
     after = vispec.metrics()
-    drafts = "vispec:spec_decode_num_drafts_total"
-    gained = {k: v - counter_values(before, drafts).get(k, 0.0) for k, v in counter_values(after, drafts).items()}
-    assert gained['{prompt="image"}'] == spec["num_spec_steps"]
-    assert gained['{prompt="text"}'] == text_body["metrics"]["speculative_decoding"]["num_spec_steps"]
+
+    def gained(prompt: str) -> float:
+        drafts = "vispec:spec_decode_num_drafts_total"
+        return metric_total(after, drafts, prompt=prompt) - metric_total(before, drafts, prompt=prompt)
+
+    assert gained("image") == spec["num_spec_steps"]
+    assert gained("text") == text_body["metrics"]["speculative_decoding"]["num_spec_steps"]
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))

@@ -1,4 +1,6 @@
-"""`vispec-vllm` command line: serve, tiny-models, demo."""
+"""`vispec-vllm` command line: `serve` and `bench` (vLLM's own CLI, on either vLLM build), `tiny-models`,
+`demo` (the main job), `train` (`data`, `stage1`, `stage2`) and `build-demo`. Tooling is imported
+only inside the command that uses it."""
 
 from __future__ import annotations
 

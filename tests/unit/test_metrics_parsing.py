@@ -1,12 +1,16 @@
-"""`vispec_vllm.demo.run.mean_acceptance_length` reads vLLM's Prometheus text: 1 + accepted / drafts,
-summed over engines, ignoring the per-position, draft-token and `_created` series."""
+"""The one parser of vLLM's Prometheus text (`vispec_vllm.demo.server.metric_samples` /
+`metric_total`, used by the demo, the benchmarks and the server tests), and the demo's
+`mean_acceptance_length` on top of it: 1 + accepted / drafts, summed over engines, ignoring the
+per-position, draft-token and `_created` series."""
 
 from __future__ import annotations
 
 import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vispec_vllm.demo.run import mean_acceptance_length
+from vispec_vllm.demo.server import metric_samples, metric_total
 
 # What a two-engine vLLM server exposes (format of prometheus_client 0.x, labels as vLLM sets them).
 TWO_ENGINES = """\
@@ -65,3 +69,49 @@ def test_text_written_by_prometheus_client():
     text = prometheus_client.generate_latest(registry).decode()
     assert "vllm:spec_decode_num_drafts_total" in text  # the suffix vLLM's counters get on export
     assert mean_acceptance_length(text) == pytest.approx(1 + 6 / 8)
+
+
+def test_samples_keep_their_labels_and_match_the_exact_name():
+    assert metric_samples(TWO_ENGINES, "vllm:spec_decode_num_drafts_total") == [
+        ({"engine": "0", "model_name": "scene llava"}, 30.0), ({"engine": "1", "model_name": "scene llava"}, 10.0)]
+    # A name matches only itself, not the longer names that start with it.
+    assert metric_samples(TWO_ENGINES, "vllm:spec_decode_num_draft") == []
+    assert metric_total(TWO_ENGINES, "vllm:spec_decode_num_accepted_tokens_per_pos_total") == 45.0
+    assert metric_total(TWO_ENGINES, "vllm:spec_decode_num_drafts_created") == pytest.approx(3.4e9)
+
+
+def test_totals_filter_by_labels_and_are_zero_when_absent():
+    assert metric_total(TWO_ENGINES, "vllm:spec_decode_num_drafts_total", engine="1") == 10.0
+    assert metric_total(TWO_ENGINES, "vllm:spec_decode_num_accepted_tokens_per_pos_total", position="1") == 20.0
+    assert metric_total(TWO_ENGINES, "vllm:spec_decode_num_drafts_total", engine="2") == 0.0
+    assert metric_total(TWO_ENGINES, "vllm:num_requests_running") == 0.0
+    assert metric_total("vllm:num_requests_running 3.0\n", "vllm:num_requests_running") == 3.0  # no labels
+
+
+def test_label_values_with_escapes_braces_and_timestamps():
+    text = ('vispec:x_total{model_name="a \\"quoted\\" {name}",prompt="image"} 2.0 1700000000000\n'
+            'vispec:x_total{model_name="back\\\\slash",prompt="text"} 5e+00\n')
+    assert metric_samples(text, "vispec:x_total") == [
+        ({"model_name": 'a "quoted" {name}', "prompt": "image"}, 2.0),
+        ({"model_name": "back\\slash", "prompt": "text"}, 5.0)]
+    assert metric_total(text, "vispec:x_total", prompt="text") == 5.0
+
+
+def test_agrees_with_prometheus_clients_own_parser():
+    # Every sample of a page written by the library vLLM exports with: counters with and without
+    # labels, a gauge, and a histogram's buckets, sum and count.
+    registry = prometheus_client.CollectorRegistry()
+    counter = prometheus_client.Counter("vispec:spec_decode_num_drafts", "d", ["prompt"], registry=registry)
+    counter.labels("image").inc(7)
+    counter.labels("text").inc(2)
+    prometheus_client.Counter("vispec:image_state_misses", "m", registry=registry).inc(3)
+    prometheus_client.Gauge("vllm:num_requests_running", "r", ["engine"], registry=registry).labels("0").set(4)
+    histogram = prometheus_client.Histogram("vllm:time_to_first_token_seconds", "t", ["engine"], registry=registry,
+                                            buckets=[0.1, 1.0])
+    histogram.labels("0").observe(0.5)
+    text = prometheus_client.generate_latest(registry).decode()
+    expected = [(sample.name, sample.labels, sample.value)
+                for family in text_string_to_metric_families(text) for sample in family.samples]
+    assert len(expected) > 10
+    for name in {name for name, _, _ in expected}:
+        assert metric_samples(text, name) == [(labels, value) for n, labels, value in expected if n == name], name

@@ -31,16 +31,14 @@ class DemoOptions:
 
 
 def mean_acceptance_length(metrics_text: str) -> float | None:
-    """vLLM's own definition: 1 + accepted draft tokens / drafts, from the Prometheus counters."""
-    counters: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
-            if line.startswith(name):
-                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    drafts = counters.get("vllm:spec_decode_num_drafts_total", 0.0)
+    """vLLM's own definition: 1 + accepted draft tokens / drafts, from the Prometheus counters
+    (summed over engines); None before any draft."""
+    from vispec_vllm.demo.server import metric_total
+
+    drafts = metric_total(metrics_text, "vllm:spec_decode_num_drafts_total")
     if not drafts:
         return None
-    return 1.0 + counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts
+    return 1.0 + metric_total(metrics_text, "vllm:spec_decode_num_accepted_tokens_total") / drafts
 
 
 def machine_description() -> str:

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,38 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 120.0) -> 
             return err.code, json.loads(body)
         except json.JSONDecodeError:
             return err.code, {"raw": body.decode(errors="replace")}
+
+
+# A sample line of the Prometheus text format: `name{label="value",...} value [timestamp]`. Label
+# values are quoted and may hold escaped quotes and braces.
+_LABELS = r'(?:\{((?:[^"}]|"(?:[^"\\]|\\.)*")*)\})?'
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def metric_samples(metrics_text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample called `name` in a Prometheus text exposition (vLLM's `/metrics`), with its
+    labels. `name` is the sample's exported name: vLLM's counter `vllm:spec_decode_num_drafts` is
+    exported as `vllm:spec_decode_num_drafts_total` (and `..._created`, a different sample).
+
+    A regular expression over the lines that start with `name`, not prometheus_client's parser,
+    which builds every family of the page: the serve benchmark samples `/metrics` ten times a
+    second beside the servers it measures."""
+    pattern = re.compile(rf"^{re.escape(name)}{_LABELS}[ \t]+(\S+)", re.MULTILINE)
+    return [({key: _label_value(escaped) for key, escaped in _LABEL.findall(labels)}, float(value))
+            for labels, value in pattern.findall(metrics_text)]
+
+
+def _label_value(escaped: str) -> str:
+    """A label value as the text format writes it (backslash escapes `\\`, `\"` and `\n`), unescaped."""
+    return _ESCAPE.sub(lambda match: "\n" if match[1] == "n" else match[1], escaped)
+
+
+def metric_total(metrics_text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (so summed over the
+    others, such as vLLM's engine index); 0.0 when there is none."""
+    return sum(value for sample_labels, value in metric_samples(metrics_text, name)
+               if all(sample_labels.get(key) == wanted for key, wanted in labels.items()))
 
 
 class VLLMServer:
