@@ -35,7 +35,9 @@ def _tiny_models(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from vispec_vllm.demo.run import DemoOptions, run_demo
 
-    run_demo(DemoOptions(num_requests=args.num_requests, max_tokens=args.max_tokens,
+    if args.repeats < 1:
+        sys.exit(f"--repeats {args.repeats}: at least one repeat is needed")
+    run_demo(DemoOptions(num_requests=args.num_requests, max_tokens=args.max_tokens, repeats=args.repeats,
                          num_speculative_tokens=args.num_speculative_tokens, image_tokens=args.image_tokens,
                          out=args.out, logs_dir=DEFAULT_MODELS_DIR))
 
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="which shipped pair: 576 image tokens per image (default) or 36")
     demo.add_argument("--max-tokens", type=int, default=None, help="default: the target's longest answer")
     demo.add_argument("--num-requests", type=int, default=6)
+    demo.add_argument("--repeats", type=int, default=3, help="interleaved turns of each server (default 3)")
     demo.add_argument("--num-speculative-tokens", type=int, default=5)
     demo.add_argument("--out", type=Path, default=Path("benchmarks/results/demo.json"),
                       help="where to write the report (JSON)")

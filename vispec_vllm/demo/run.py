@@ -1,10 +1,13 @@
 """The main job (`vispec-vllm demo`, `bash scripts/demo.sh`): serve the shipped demo pair without
 and with ViSpec speculation, on held-out scenes, one request at a time, and write what it measured.
 
-It starts vLLM's OpenAI server on 127.0.0.1 twice (through `vispec-vllm serve`, so it works on
-both vLLM builds), sends the same held-out scene images to each, and compares: identical outputs,
-vLLM's mean acceptance length and the output tokens/s ratio. The numbers go to a JSON file
-(default `benchmarks/results/demo.json`) so that the README can quote them.
+It starts two vLLM OpenAI servers on 127.0.0.1 side by side (through `vispec-vllm serve`, so it works
+on both vLLM builds): one without speculation, one with the ViSpec draft. After a warm-up of each,
+they take turns `repeats` times (the order alternates), answering the same held-out prompts, so
+drift in a shared machine's speed hits both alike. It reports identical outputs, vLLM's mean
+acceptance length, the output tokens/s ratio of each repeat (median, min, max), and the two times
+that bound the speed-up: the target's step (no speculation) and one draft forward. The numbers go
+to a JSON file (default `benchmarks/results/demo.json`) so that the README can quote them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class DemoOptions:
     max_tokens: int | None = None  # default: the target's longest reference answer
     num_speculative_tokens: int = 5
     image_tokens: int = 576  # which shipped pair: 576 (LLaVA-1.5 scale, the default) or 36
+    repeats: int = 3  # turns of each server, interleaved
     out: Path = DEFAULT_OUT
     logs_dir: Path = Path.home() / ".cache" / "vispec-vllm"
 
@@ -67,42 +71,75 @@ def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[f
     return tokens / (time.monotonic() - started), answers
 
 
+def held_out_prompts(recipe, count: int) -> list[tuple[list, list[dict]]]:
+    """`count` held-out (scenes, messages) prompts as the target was trained on them: description
+    requests and, where the scenes have them, one comparison of two images among them."""
+    seeds = recipe.scenes.held_out_seeds(8 * count)
+    examples = [recipe.scenes.training_prompt(seed) for seed in seeds]
+    one_image = [example for example in examples if len(example[0]) == 1]
+    two_images = [example for example in examples if len(example[0]) == 2]
+    return one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
+
+
+def _chat_content(scenes_: list, messages: list[dict]) -> list[dict]:
+    """The user turn's parts, each image placeholder replaced by its scene image as a data URL."""
+    from vispec_vllm.demo.server import image_data_url
+
+    images = iter(scene.image for scene in scenes_)
+    return [{"type": "image_url", "image_url": {"url": image_data_url(next(images))}} if part == {"type": "image"}
+            else part for part in messages[0]["content"]]
+
+
+def target_step_ms(metrics_text: str) -> float | None:
+    """Mean inter-token latency of a server without speculation: one target step per token."""
+    from vispec_vllm.demo.server import metric_total
+
+    count = metric_total(metrics_text, "vllm:inter_token_latency_seconds_count")
+    return 1e3 * metric_total(metrics_text, "vllm:inter_token_latency_seconds_sum") / count if count else None
+
+
 def run_demo(options: DemoOptions) -> dict:
+    import contextlib
+    import statistics
+
     from vispec_vllm.demo.models import DEMO_PAIRS
-    from vispec_vllm.demo.server import VLLMServer, image_data_url
+    from vispec_vllm.demo.server import start_side_by_side
     from vispec_vllm.demo.target import RECIPES
 
     target, drafts = DEMO_PAIRS[options.image_tokens]
     draft = drafts["vispec"]
     recipe = RECIPES[options.image_tokens]
     max_tokens = options.max_tokens or recipe.max_new_tokens
-    # Held-out prompts as the target was trained on them: a description request, or (rich scenes)
-    # sometimes a comparison of two images.
-    examples = [recipe.scenes.training_prompt(seed) for seed in recipe.scenes.held_out_seeds(options.num_requests)]
-    prompts = []
-    for scenes_, messages in examples:
-        images = iter(scene.image for scene in scenes_)
-        prompts.append([{"type": "image_url", "image_url": {"url": image_data_url(next(images))}}
-                        if part == {"type": "image"} else part for part in messages[0]["content"]])
+    examples = held_out_prompts(recipe, options.num_requests)
+    prompts = [_chat_content(scenes_, messages) for scenes_, messages in examples]
     common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt",
               '{"image": 2}']
     spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
+    setups = {"none": (common, {}), "vispec": (common + ["--speculative-config", json.dumps(spec)], {})}
     options.logs_dir.mkdir(parents=True, exist_ok=True)
     print(f"Demo pair: target {target.name} (trained on synthetic scenes, {recipe.num_image_tokens} image tokens "
           f"per image), ViSpec draft {draft.name}, K up to {options.num_speculative_tokens} (load-adaptive); "
-          f"{options.num_requests} held-out prompts, one request at a time.")
-    results = {}
-    for mode, extra in (("none", []), ("vispec", ["--speculative-config", json.dumps(spec)])):
-        log = options.logs_dir / f"demo-server-{'vispec' if extra else 'plain'}.log"
-        print(f"Starting vLLM on 127.0.0.1 with the vispec-vllm plugin, speculation: {mode} (log: {log}) ...",
-              flush=True)
-        with VLLMServer(target, common + extra, log_path=log) as server:
+          f"{len(prompts)} held-out prompts, one request at a time, {options.repeats} interleaved repeats.")
+    print(f"Starting two vLLM servers on 127.0.0.1 with the vispec-vllm plugin, without and with speculation "
+          f"(logs: {options.logs_dir}/demo-server-*.log) ...", flush=True)
+    repeats, answers = [], {"none": [], "vispec": []}
+    with contextlib.ExitStack() as stack:
+        servers = start_side_by_side(stack, setups, target, options.logs_dir, "demo-server-")
+        for server in servers.values():
             _run_requests(server, prompts[:1], max_tokens)  # warm-up
-            tok_s, answers = _run_requests(server, prompts, max_tokens)
-            acceptance = mean_acceptance_length(server.metrics()) if extra else None
-        results[mode] = (tok_s, answers, acceptance)
-        print(f"  {mode}: {tok_s:.1f} output tokens/s", flush=True)
-    (tok_s_none, answers_none, _), (tok_s_vispec, answers_vispec, acceptance) = results["none"], results["vispec"]
+        for repeat in range(options.repeats):
+            tok_s = {}
+            for mode in (("none", "vispec") if repeat % 2 == 0 else ("vispec", "none")):
+                tok_s[mode], mode_answers = _run_requests(servers[mode], prompts, max_tokens)
+                answers[mode].append(mode_answers)
+            repeats.append({"tok_s_none": tok_s["none"], "tok_s_vispec": tok_s["vispec"],
+                            "speedup": tok_s["vispec"] / tok_s["none"]})
+            print(f"  repeat {repeat + 1}: {tok_s['none']:.1f} output tokens/s without speculation, "
+                  f"{tok_s['vispec']:.1f} with ViSpec: {repeats[-1]['speedup']:.2f}x", flush=True)
+        acceptance = mean_acceptance_length(servers["vispec"].metrics())
+        step_ms = target_step_ms(servers["none"].metrics())
+    speedups = [r["speedup"] for r in repeats]
+    reference_answers = answers["none"][0]
     report = {
         "machine": machine_description(),
         "target": target.name,
@@ -111,21 +148,27 @@ def run_demo(options: DemoOptions) -> dict:
         "max_tokens": max_tokens,
         "k": options.num_speculative_tokens,
         "adaptive": os.environ.get("VISPEC_VLLM_ADAPTIVE", "1") != "0",
-        "num_requests": options.num_requests,
-        "outputs_identical": answers_none == answers_vispec,
+        "num_requests": len(prompts),
+        "outputs_identical": all(run == reference_answers for mode in answers.values() for run in mode),
         "mean_acceptance_length": acceptance,
-        "tok_s_none": tok_s_none,
-        "tok_s_vispec": tok_s_vispec,
-        "speedup": tok_s_vispec / tok_s_none,
+        "tok_s_none": statistics.median(r["tok_s_none"] for r in repeats),
+        "tok_s_vispec": statistics.median(r["tok_s_vispec"] for r in repeats),
+        "speedup": statistics.median(speedups),
+        "speedup_min": min(speedups),
+        "speedup_max": max(speedups),
+        "repeats": repeats,
+        "target_step_ms": step_ms,
+        "target_step_measured_by": "mean inter-token latency of the server without speculation "
+                                   "(vllm:inter_token_latency_seconds sum / count), concurrency 1",
     }
     shown = next(i for i, (scenes_, _) in enumerate(examples) if len(scenes_) == 1)  # a one-image description
     scene = examples[shown][0][0]
-    print(f"\nHeld-out scene {scene.seed}: {answers_vispec[shown]!r}")
+    print(f"\nHeld-out scene {scene.seed}: {answers['vispec'][0][shown]!r}")
     print(f"Reference description:   {scene.description!r}")
-    print(f"Outputs identical with and without speculation: {report['outputs_identical']}")
+    print(f"Outputs identical with and without speculation, in every repeat: {report['outputs_identical']}")
     print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): {acceptance:.2f}")
-    print(f"Speed-up over no speculation on this machine: {report['speedup']:.2f}x "
-          f"({tok_s_vispec:.1f} vs {tok_s_none:.1f} output tokens/s at concurrency 1)")
+    print(f"Speed-up over no speculation on this machine, concurrency 1: median {report['speedup']:.2f}x, "
+          f"min {report['speedup_min']:.2f}x, max {report['speedup_max']:.2f}x over {len(repeats)} repeats")
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"Written: {options.out}")

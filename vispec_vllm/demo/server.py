@@ -203,3 +203,20 @@ class VLLMServer:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as resp:
             return resp.read().decode()
+
+
+def start_side_by_side(stack, setups: dict[str, tuple[list[str], dict[str, str]]], model: str | Path,
+                       log_dir: Path, log_prefix: str = "", startup_timeout_s: float = 600.0) -> dict[str, VLLMServer]:
+    """`vllm serve` processes, one per set-up name -> (extra serve args, extra environment),
+    launched side by side (an idle server costs nothing) and then waited for; `stack` (a
+    contextlib.ExitStack) stops each one by its own PID when it closes."""
+    servers = {}
+    for name, (serve_args, env) in setups.items():
+        server = VLLMServer(model, serve_args, log_path=Path(log_dir) / f"{log_prefix}{name}.log",
+                            startup_timeout_s=startup_timeout_s, env=env)
+        stack.callback(server.stop)
+        servers[name] = server.launch()
+    for server in servers.values():
+        server.wait_until_healthy()
+    return servers
+
