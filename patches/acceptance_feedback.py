@@ -9,7 +9,7 @@ drafts, whether or not stats are logged). This wrapper feeds each one to the sch
 table from the measured acceptance curve, swaps the scheduler's dense batch-size -> K lookup.
 On CUDA, vLLM sized its graph captures from the start-up table; a batch whose new K has no
 captured size runs that step without a graph.
-Guard: only schedulers whose draft config carries `vispec_adaptive_schedule` (set by the
+Guard: only schedulers whose draft config says `ViSpecDraftConfig.adaptive_schedule` (set by the
 speculative-config patch when it installed its own table; a user's table is left alone).
 """
 
@@ -23,6 +23,7 @@ logger = logging.getLogger("vllm.vispec_vllm")
 
 
 def _make_init(original_init):
+    from vispec_vllm.checkpoint_format import ViSpecDraftConfig
     from vispec_vllm.speculation_schedule import AdaptiveSchedule
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
@@ -30,8 +31,8 @@ def _make_init(original_init):
         self.vispec_adaptive_schedule = None
         spec = vllm_config.speculative_config
         draft = spec.draft_model_config if spec is not None else None
-        if (self.dynamic_sd_lookup is not None and draft is not None
-                and getattr(draft.hf_config, "vispec_adaptive_schedule", False)):
+        vispec = ViSpecDraftConfig.stored_in(draft.hf_config) if draft is not None else None
+        if self.dynamic_sd_lookup is not None and vispec is not None and vispec.adaptive_schedule:
             target = vllm_config.model_config
             self.vispec_adaptive_schedule = AdaptiveSchedule.for_target(
                 self.num_spec_tokens, target.hf_config.get_text_config(), target.max_model_len,

@@ -10,7 +10,8 @@ per-step objects (vLLM 0.32.0):
   runner; the proposer drafts inside it) puts the proposer's misses since the last step on the
   step's `ModelRunnerOutput` as the attribute `vispec_image_state_misses` (under the multiprocess
   executor that object is pickled whole to the engine core, attribute included). Wrapped on the
-  runner's class by ViSpecProposer when it is built, so only a ViSpec worker pays for it;
+  runner's class by patches/eagle_proposer.py when it builds a ViSpecProposer, so only a ViSpec
+  worker pays for it;
 - engine core: `vllm.v1.core.sched.scheduler.Scheduler.update_from_output` adds them up, and
   `Scheduler.make_stats` moves the sum into the step's `SchedulerStats`;
 - `vllm.v1.metrics.stats.SchedulerStats` gains the dataclass field `vispec_image_state_misses`
@@ -121,5 +122,6 @@ def apply() -> None:
 
 
 def apply_to_model_runner(runner_class: type) -> None:
-    """The worker part, applied by ViSpecProposer to the class of the runner it drafts for."""
+    """The worker part, applied by patches/eagle_proposer.py to the class of the runner a
+    ViSpecProposer drafts for."""
     wrap(runner_class, "sample_tokens", _make_sample_tokens)

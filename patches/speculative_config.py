@@ -7,15 +7,16 @@ its weights (`imadpt.*`, `img_fc.*`) say it is ViSpec. This wrapper recognises s
 before vLLM resolves the method, runs it as method "eagle" (vLLM's EAGLE machinery is what
 drafts with target hidden states), and, for the duration of the original call, extends the
 draft config's hf_overrides (built by `SpeculativeConfig.compose_draft_hf_overrides`) so that
-the draft config names the registered ViSpec architecture and carries `vispec_num_q`, `qkv_bias`,
-`bias` and `vispec_ignored_weights` (unused tensors the loader skips). It then validates the
-checkpoint against the target, before any KV memory is taken.
+the draft config names the registered ViSpec architecture and carries the checkpoint's
+`ViSpecDraftConfig` (vispec_vllm/checkpoint_format.py: num_q, head_dim, biases, the key-mask head
+size for this platform's attention backend, the unused tensors the loader skips) as one attribute.
+It then validates the checkpoint against the target, before any KV memory is taken.
 The draft runs eager (`enforce_eager`): its forward is capture-safe, but capture is unverified on GPU.
 It also turns on load-adaptive speculation (vLLM's `num_speculative_tokens_per_batch_size`)
 unless the user gave a table or set VISPEC_VLLM_ADAPTIVE=0: the table is derived from the cost
 model for the target's shapes on this platform (vispec_vllm/speculation_schedule.py), and the
-draft config is marked `vispec_adaptive_schedule` so that the scheduler keeps it in step with
-the measured acceptance (patches/acceptance_feedback.py).
+draft config says so (`ViSpecDraftConfig.adaptive_schedule`) so that the scheduler keeps it in
+step with the measured acceptance (patches/acceptance_feedback.py).
 A checkpoint in the plain EAGLE layout (fc + layer 0, no adaptor, no lm_head) given with no method
 would likewise be taken for a `draft_model` and fail on its names; it runs as method "eagle".
 Guard: nothing changes unless `model` resolves to a checkpoint with ViSpec weights and the method
@@ -26,20 +27,35 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 from vispec_vllm.patches._wrap import wrap
+
+if TYPE_CHECKING:
+    from vispec_vllm.checkpoint_format import ViSpecDraftConfig
 
 logger = logging.getLogger("vllm.vispec_vllm")
 _ROUTABLE_METHODS = (None, "eagle", "draft_model")
 
 
-def vispec_draft_hf_override(architecture: str, draft_fields: dict, composed, hf_config):
+def vispec_draft_hf_override(architecture: str, draft_config: ViSpecDraftConfig, composed, hf_config):
     """Module-level (picklable: the draft ModelConfig travels to engine-core processes)."""
     hf_config = composed(hf_config)
     hf_config.architectures = [architecture]
-    for key, value in draft_fields.items():
-        setattr(hf_config, key, value)
+    draft_config.store_in(hf_config)
     return hf_config
+
+
+def attention_head_sizes() -> tuple[int, ...] | None:
+    """The head sizes this platform's attention backend takes; None where any multiple of 8 does
+    (FlashAttention and friends on GPU)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    return None
 
 
 def _make_post_init(original_post_init):
@@ -74,13 +90,11 @@ def _make_post_init(original_post_init):
         # place), but CUDA-graph capture of it has not been verified on a GPU yet: draft eagerly
         # there, as on CPU, until it is (the proposer logs this once at start-up).
         self.enforce_eager = True
-        draft_fields = {"vispec_num_q": checkpoint.dims.num_q, "qkv_bias": checkpoint.dims.qkv_bias,
-                        "bias": checkpoint.dims.has_bias, "vispec_adaptive_schedule": adaptive,
-                        "vispec_ignored_weights": list(checkpoint.ignored_weights)}
+        draft_config = checkpoint.vispec_draft_config(attention_head_sizes(), adaptive)
         compose = SpeculativeConfig.compose_draft_hf_overrides
 
         def compose_for_vispec(target_hf_overrides):
-            return functools.partial(vispec_draft_hf_override, checkpoint.architecture, draft_fields,
+            return functools.partial(vispec_draft_hf_override, checkpoint.architecture, draft_config,
                                      compose(target_hf_overrides))
 
         SpeculativeConfig.compose_draft_hf_overrides = staticmethod(compose_for_vispec)

@@ -18,8 +18,8 @@ from conftest import engine_metrics, greedy, make_llm, mixed_conversations, mode
 from proposal_recorder import BatchProposalRecorder
 
 from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
+from vispec_vllm.demo.prompts import scene_prompt
 from vispec_vllm.demo.scenes import HELD_OUT_START, make_scene
-from vispec_vllm.training.data import scene_prompt
 
 K = 3
 MAX_TOKENS = 24

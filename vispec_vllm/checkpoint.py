@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from vispec_vllm.checkpoint_format import (
     VISPEC_ARCHITECTURES,
     WEIGHT_FILES,
     DraftDims,
+    ViSpecDraftConfig,
     draft_family,
+    masked_head_size,
     published_shapes,
     weight_layout,
 )
@@ -44,6 +47,18 @@ class ViSpecCheckpoint:
     @property
     def architecture(self) -> str:
         return VISPEC_ARCHITECTURES[self.family]
+
+    def vispec_draft_config(self, supported_head_sizes: Sequence[int] | None,
+                            adaptive_schedule: bool) -> ViSpecDraftConfig:
+        """What the vLLM draft module is built from, on an attention backend that takes
+        `supported_head_sizes` (None: any multiple of 8)."""
+        try:
+            head_size = masked_head_size(self.dims.head_dim, supported_head_sizes)
+        except ValueError as err:
+            raise ViSpecCheckpointError(f"{self.weight_file}: {err}") from err
+        return ViSpecDraftConfig(num_q=self.dims.num_q, head_dim=self.dims.head_dim, qkv_bias=self.dims.qkv_bias,
+                                 has_bias=self.dims.has_bias, masked_head_size=head_size,
+                                 ignored_weights=self.ignored_weights, adaptive_schedule=adaptive_schedule)
 
 
 def resolve_local_dir(model: str) -> Path | None:

@@ -12,7 +12,10 @@ A ViSpec draft directory holds `config.json` (a plain one-layer Llama or Qwen2 c
 - which layout a set of weight names is in (ViSpec, plain EAGLE, or neither);
 - the draft `config.json` fields;
 - how each published name maps to a parameter of the vLLM draft module (`model.` prefix, q/k/v
-  and gate/up stacked), the way vLLM's own EAGLE Llama maps its checkpoints.
+  and gate/up stacked), as the tables vLLM's `WeightsMapper` takes;
+- what a served draft is built from beyond its config.json (`ViSpecDraftConfig`: num_q, head_dim,
+  biases, the key-mask head size, the ignored tensors), and the one draft-config attribute that
+  carries it from the checkpoint validator to the vLLM draft module.
 
 No vLLM import: the checkpoint validator, the vLLM draft model, training and the tiny-model
 factory all read it.
@@ -20,8 +23,8 @@ factory all read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import KW_ONLY, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import KW_ONLY, asdict, dataclass, fields
 
 # Families, by the draft config's model_type.
 LLAMA, QWEN2 = "llama", "qwen2"
@@ -179,39 +182,82 @@ def draft_config(dims: DraftDims, family: str, max_position_embeddings: int = 40
     return dict(sorted(config.items()))
 
 
-@dataclass(frozen=True)
-class ParameterNameMapping:
-    """Published weight name -> (vLLM module parameter name, shard id), declaratively, as vLLM's
-    `WeightsMapper` and the `stacked_params_mapping` of its llama.py do it.
+# How each published name maps to a parameter of the vLLM draft module, as vLLM's `WeightsMapper`
+# (model_executor/models/utils.py) takes it and as its llama.py / llama_eagle.py map their
+# checkpoints: first layer 0's q/k/v and gate/up parts into the fused `qkv_proj` / `gate_up_proj`
+# (with these shard ids), then the EAGLE part under `model.`. The adaptor (`imadpt.`) keeps its
+# published names: it sits at the module's top level with unfused k/v projections, so the stacked
+# parts name layer 0's sub-modules in full.
+STACKED_PARAMETER_PARTS: dict[str, tuple[str, str | int]] = {
+    ".self_attn.q_proj": (".self_attn.qkv_proj", "q"),
+    ".self_attn.k_proj": (".self_attn.qkv_proj", "k"),
+    ".self_attn.v_proj": (".self_attn.qkv_proj", "v"),
+    ".mlp.gate_proj": (".mlp.gate_up_proj", 0),
+    ".mlp.up_proj": (".mlp.gate_up_proj", 1),
+}
+MODULE_NAME_PREFIXES: dict[str, str] = {
+    "embed_tokens.": "model.embed_tokens.",
+    "layers.": "model.layers.",
+    "fc.": "model.fc.",
+    "img_fc.": "model.img_fc.",
+}
 
-    Names starting with one of `unprefixed` keep their name; every other name gets `prefix` (the
-    EAGLE layout nests embed_tokens, fc, img_fc and the layer under `model.`). A name holding one
-    of the `stacked` parts loads into that shard of the fused parameter.
+
+def masked_head_size(head_dim: int, supported_head_sizes: Sequence[int] | None) -> int:
+    """The head size the draft's attention runs with: head_dim channels plus the key-mask channel
+    (docs/method.md §6.1), padded to the smallest size the attention backend supports (None: any
+    multiple of 8, as FlashAttention and friends take)."""
+    if supported_head_sizes is None:
+        return head_dim + 8
+    larger = [size for size in supported_head_sizes if size > head_dim]
+    if not larger:
+        raise ValueError(f"head_dim {head_dim} leaves no room for the key-mask channel: the attention backend "
+                         f"supports head sizes {sorted(supported_head_sizes)}")
+    return min(larger)
+
+
+# The one attribute of the draft's hf_config that carries a ViSpecDraftConfig, as a dict of plain
+# values: the config travels to the engine-core and worker processes, and vLLM writes hf_config
+# out as JSON.
+VISPEC_DRAFT_CONFIG_ATTRIBUTE = "vispec_draft"
+
+
+@dataclass(frozen=True)
+class ViSpecDraftConfig:
+    """What a served ViSpec draft is built from beyond its plain config.json: decided once, when the
+    checkpoint is validated (vispec_vllm/checkpoint.py, called by patches/speculative_config.py),
+    carried on the draft's hf_config and read back once by the vLLM draft module.
+
+    num_q:             the adaptor's learned queries (`imadpt.q.shape[0]`; not in config.json)
+    head_dim:          the head size of layer 0's attention and of the adaptor (`imadpt.q.shape[2]`)
+    qkv_bias:          q/k/v projections (the adaptor's k/v too) have biases (Qwen2 drafts)
+    has_bias:          fc and img_fc have biases (config.json's optional `bias`, absent means True)
+    masked_head_size:  the head size the attention runs with, key-mask channel included (the mask
+                       layout: channel `head_dim` holds the mask; see `masked_head_size`)
+    ignored_weights:   tensors of the checkpoint the draft does not use; the loader skips them
+    adaptive_schedule: the scheduler keeps the draft length in step with the measured acceptance
+                       (patches/acceptance_feedback.py)
     """
 
-    prefix: str
-    unprefixed: tuple[str, ...]
-    stacked: tuple[tuple[str, str, str | int], ...]  # (fused parameter, published part, shard id)
+    num_q: int
+    head_dim: int
+    qkv_bias: bool
+    has_bias: bool
+    masked_head_size: int
+    ignored_weights: tuple[str, ...] = ()
+    adaptive_schedule: bool = False
 
-    def map(self, name: str) -> tuple[str, str | int | None]:
-        if name.startswith(self.unprefixed):
-            return name, None
-        name = self.prefix + name
-        for fused, part, shard in self.stacked:
-            if part in name:
-                return name.replace(part, fused), shard
-        return name, None
+    def store_in(self, hf_config: object) -> None:
+        setattr(hf_config, VISPEC_DRAFT_CONFIG_ATTRIBUTE, asdict(self))
 
-
-# The adaptor sits at the draft module's top level and keeps unfused k/v projections.
-PARAMETER_NAME_MAPPING = ParameterNameMapping(
-    prefix="model.",
-    unprefixed=("imadpt.",),
-    stacked=(
-        (".qkv_proj", ".q_proj", "q"),
-        (".qkv_proj", ".k_proj", "k"),
-        (".qkv_proj", ".v_proj", "v"),
-        (".gate_up_proj", ".gate_proj", 0),
-        (".gate_up_proj", ".up_proj", 1),
-    ),
-)
+    @classmethod
+    def stored_in(cls, hf_config: object) -> ViSpecDraftConfig | None:
+        """The settings `store_in` put on this config, or None (not a ViSpec draft's config)."""
+        stored = getattr(hf_config, VISPEC_DRAFT_CONFIG_ATTRIBUTE, None)
+        if stored is None:
+            return None
+        expected = {f.name for f in fields(cls)}
+        if not isinstance(stored, dict) or set(stored) != expected:
+            raise ValueError(f"draft config attribute {VISPEC_DRAFT_CONFIG_ATTRIBUTE!r} is {stored!r}; expected a dict "
+                             f"with the keys {sorted(expected)}")
+        return cls(**{**stored, "ignored_weights": tuple(stored["ignored_weights"])})

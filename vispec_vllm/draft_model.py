@@ -14,7 +14,9 @@ Dropped image rows are removed from attention exactly with a key-mask channel (s
 `ViSpecAttention`): the draft's attention runs with one extra head channel in which every query
 holds 1 and a dropped row's key holds -KEY_MASK_VALUE. The mask is thereby stored in the paged KV
 cache itself, so it holds for later chunks, decode steps and prefix-cache hits on every attention
-backend, CPU included, while draft slots stay equal to target positions.
+backend, CPU included, while draft slots stay equal to target positions. The padded head size
+comes with the draft's `ViSpecDraftConfig` (vispec_vllm/checkpoint_format.py), which the draft
+reads once, as it reads num_q, head_dim, the biases and the tensors the loader skips.
 
 Which row is which reaches the draft through row buffers it owns (g, compressed token, compressed
 and dropped flags), which `ViSpecProposer` fills in place before every forward; the forward reads
@@ -23,6 +25,7 @@ them without data-dependent branches, so it is safe to capture in a CUDA graph.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -36,28 +39,22 @@ from vllm.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinea
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsEagle
 from vllm.model_executor.models.llama import LlamaMLP
-from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
-from vllm.platforms import current_platform
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix, process_eagle_weight
 
-from vispec_vllm.checkpoint_format import PARAMETER_NAME_MAPPING
+from vispec_vllm.checkpoint_format import (
+    MODULE_NAME_PREFIXES,
+    STACKED_PARAMETER_PARTS,
+    VISPEC_DRAFT_CONFIG_ATTRIBUTE,
+    ViSpecDraftConfig,
+)
 
 logger = init_logger(__name__)
 
 # Score penalty before scaling: times head_dim**-0.5 (>= 1/16 for head_dim <= 256) it is >= 625,
 # far past exp underflow in fp32, and it is exactly representable in fp16 and bf16 KV caches.
 KEY_MASK_VALUE = 1.0e4
-# Head sizes vLLM's CPU attention backend supports (v1/attention/backends/cpu_attn.py).
-_CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-def masked_head_size(head_dim: int) -> int:
-    """Smallest head size the attention backend takes that leaves room for the key-mask channel."""
-    if current_platform.is_cpu():
-        return next(size for size in _CPU_ATTENTION_HEAD_SIZES if size > head_dim)
-    return head_dim + 8  # FlashAttention and friends take multiples of 8
 
 
 class ViSpecVisionAdaptor(nn.Module):
@@ -86,14 +83,13 @@ class ViSpecVisionAdaptor(nn.Module):
 class ViSpecAttention(nn.Module):
     """Multi-head attention whose keys carry a mask channel (see the module docstring)."""
 
-    def __init__(self, vllm_config: VllmConfig, config, prefix: str) -> None:
+    def __init__(self, vllm_config: VllmConfig, config, vispec: ViSpecDraftConfig, prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
-        self.padded_head_dim = masked_head_size(self.head_dim)
-        qkv_bias = bool(getattr(config, "qkv_bias", False))
+        self.head_dim = vispec.head_dim
+        self.padded_head_dim = vispec.masked_head_size  # head_dim channels, the mask channel, padding
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_heads,
-                                          bias=qkv_bias, prefix=f"{prefix}.qkv_proj")
+                                          bias=vispec.qkv_bias, prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False,
                                         prefix=f"{prefix}.o_proj")
         self.num_local_heads = self.qkv_proj.num_heads
@@ -133,9 +129,9 @@ class ViSpecDecoderLayer(nn.Module):
     """ViSpec's layer 0: attention -> residual -> post_attention_layernorm -> SwiGLU -> residual.
     No input_layernorm (EAGLE's first layer skips it)."""
 
-    def __init__(self, vllm_config: VllmConfig, config, prefix: str) -> None:
+    def __init__(self, vllm_config: VllmConfig, config, vispec: ViSpecDraftConfig, prefix: str) -> None:
         super().__init__()
-        self.self_attn = ViSpecAttention(vllm_config, config, prefix=f"{prefix}.self_attn")
+        self.self_attn = ViSpecAttention(vllm_config, config, vispec, prefix=f"{prefix}.self_attn")
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, prefix=f"{prefix}.mlp")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -148,10 +144,10 @@ class ViSpecDecoderLayer(nn.Module):
 class ViSpecDraftBody(nn.Module):
     """embed_tokens, fc, img_fc and layer 0: the names under `model.` in vLLM's EAGLE layout."""
 
-    def __init__(self, vllm_config: VllmConfig, config, prefix: str, start_layer_id: int) -> None:
+    def __init__(self, vllm_config: VllmConfig, config, vispec: ViSpecDraftConfig, prefix: str,
+                 start_layer_id: int) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        bias = bool(getattr(config, "bias", True))
+        hidden, bias = config.hidden_size, vispec.has_bias
         dtype = vllm_config.model_config.dtype
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, prefix=f"{prefix}.embed_tokens")
         self.fc = ReplicatedLinear(2 * hidden, hidden, bias=bias, params_dtype=dtype, return_bias=False,
@@ -160,7 +156,7 @@ class ViSpecDraftBody(nn.Module):
                                        prefix=f"{prefix}.img_fc")
         # The attention prefix must not collide with the target's layer names.
         self.layers = nn.ModuleList(
-            [ViSpecDecoderLayer(vllm_config, config, prefix=f"{prefix}.layers.{start_layer_id}")])
+            [ViSpecDecoderLayer(vllm_config, config, vispec, prefix=f"{prefix}.layers.{start_layer_id}")])
 
 
 class ViSpecDraftModel(nn.Module, SupportsEagle):
@@ -169,16 +165,24 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
     # The adaptor consumes the target's image embeddings itself (the proposer hands them over);
     # vLLM's merged draft input embeddings are not needed.
     supports_multimodal_embeddings = False
+    # Published names -> module parameters, by the checkpoint format's tables.
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_stacked=STACKED_PARAMETER_PARTS,
+                                      orig_to_new_prefix=MODULE_NAME_PREFIXES)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         self.config = config = vllm_config.speculative_config.draft_model_config.hf_config
+        vispec = ViSpecDraftConfig.stored_in(config)
+        if vispec is None:
+            raise ValueError(f"the draft config has no {VISPEC_DRAFT_CONFIG_ATTRIBUTE!r}: a ViSpec draft is set up by "
+                             "the plugin's speculative-config patch, from its checkpoint (give the draft directory "
+                             "as the speculative model, with no method or method 'eagle')")
+        self.vispec_config = vispec
         self.hidden_size = config.hidden_size
-        num_heads = config.num_attention_heads
         target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        self.model = ViSpecDraftBody(vllm_config, config, maybe_prefix(prefix, "model"), target_layers)
-        self.imadpt = ViSpecVisionAdaptor(config.hidden_size, num_heads, config.hidden_size // num_heads,
-                                          config.vispec_num_q, bool(getattr(config, "qkv_bias", False)))
+        self.model = ViSpecDraftBody(vllm_config, config, vispec, maybe_prefix(prefix, "model"), target_layers)
+        self.imadpt = ViSpecVisionAdaptor(config.hidden_size, config.num_attention_heads, vispec.head_dim,
+                                          vispec.num_q, vispec.qkv_bias)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         # What each input row is, filled in place by the proposer before every forward (the row
         # plan, vispec_vllm/row_plan.py); the forward reads the first `rows` entries. Sized like
@@ -199,7 +203,7 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
 
     @property
     def num_q(self) -> int:
-        return self.imadpt.q.shape[0]
+        return self.vispec_config.num_q
 
     def compress_image(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(compressed tokens [num_q-1, H], global image feature [H]) for one image."""
@@ -209,10 +213,33 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def clear_row_inputs(self) -> None:
-        """No image anywhere: what dummy and profile runs see."""
+    def clear_row_inputs(self, start: int = 0, end: int | None = None) -> None:
+        """No image in rows [start, end): padding rows, and every row in dummy and profile runs."""
         for buffer in (self.global_image_feature, self.compressed_token, self.is_compressed_row, self.is_dropped_row):
-            buffer.zero_()
+            buffer[start:end].zero_()
+
+    def set_text_rows(self, global_image_feature: torch.Tensor) -> None:
+        """Rows [0, n) are text rows, row i fusing global_image_feature[i] ([n, H])."""
+        rows = global_image_feature.shape[0]
+        self.global_image_feature[:rows] = global_image_feature
+        self.is_compressed_row[:rows].zero_()
+        self.is_dropped_row[:rows].zero_()
+
+    def set_planned_rows(self, global_image_feature: torch.Tensor, is_dropped_row: torch.Tensor,
+                         compressed_index: torch.Tensor, compressed_tokens: torch.Tensor) -> None:
+        """Rows [0, n) as a row plan says (vispec_vllm/row_plan.py): row i fuses global_image_feature[i]
+        ([n, H]), is dropped where is_dropped_row[i], and holds compressed_tokens[compressed_index[i]]
+        where compressed_index[i] >= 0. Flags and indices may sit on the CPU."""
+        rows = global_image_feature.shape[0]
+        device = self.compressed_token.device
+        self.global_image_feature[:rows] = global_image_feature
+        is_compressed = compressed_index >= 0
+        self.is_compressed_row[:rows] = is_compressed.to(device)
+        self.is_dropped_row[:rows] = is_dropped_row.to(device)
+        compressed_rows = is_compressed.nonzero().squeeze(1)
+        if compressed_rows.numel():
+            self.compressed_token[compressed_rows.to(device)] = compressed_tokens[
+                compressed_index[compressed_rows].to(compressed_tokens.device)]
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,23 +258,13 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Published names -> module parameters by the checkpoint format's declarative mapping
-        (`model.` prefix, q/k/v and gate/up stacked as in vLLM's Llama). Tensors the checkpoint
-        validator reported as unused (`vispec_ignored_weights`) are skipped."""
-        ignored = set(getattr(self.config, "vispec_ignored_weights", None) or ())
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for published_name, tensor in weights:
-            if published_name in ignored:
-                continue
-            name, shard = PARAMETER_NAME_MAPPING.map(published_name)
-            process_eagle_weight(self, name)
-            param = params[name]
-            if shard is None:
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            else:
-                param.weight_loader(param, tensor, shard)
-            loaded.add(name)
+        """vLLM's loader over the published names, mapped by the checkpoint format's tables; the
+        tensors the checkpoint validator reported as unused are dropped by name."""
+        skip_unused = WeightsMapper(orig_to_new_regex={re.compile(f"^{re.escape(name)}$"): None
+                                                       for name in self.vispec_config.ignored_weights})
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=skip_unused | self.hf_to_vllm_mapper)
+        for name in loaded:
+            process_eagle_weight(self, name)  # notes an own embed_tokens, as vLLM's EAGLE drafts do
         if not self.has_own_embed_tokens:
             # vLLM's EAGLE loader then shares the target's input embedding with the draft.
             logger.warning("ViSpec draft checkpoint has no embed_tokens; using the target's input embedding")

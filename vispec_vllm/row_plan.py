@@ -11,11 +11,13 @@ position i. For an image at token positions [o, o+L):
 
 `plan_rows` applies these rules to a batch of token windows at once, with tensor ops only (no
 Python loop over rows, requests or images). Both the runtime proposer (vispec_vllm/proposer.py)
-and training (vispec_vllm/training/train.py) use it.
+and training (vispec_vllm/training/train.py) use it, describing images as `ImageSpan`s. No vLLM
+import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,27 +28,21 @@ _REQUEST_STRIDE = 1 << 32
 
 
 @dataclass(frozen=True)
-class ImageSpans:
-    """The images of a batch, one entry each (any order; an entry's index is its image index).
+class ImageSpan:
+    """One image: token positions [offset, offset + length) of the batch's request `request`.
 
-    request: [images] the batch index of the request the image belongs to
-    offset:  [images] the image's first token position in its request
-    length:  [images] the number of the image's tokens
-    Images of one request must not overlap.
+    mm_hash names the image where the caller has a name for it (vLLM's multimodal hash, under which
+    the runtime keeps the image's compressed state); the plan itself does not read it.
     """
 
-    request: torch.Tensor
-    offset: torch.Tensor
-    length: torch.Tensor
-
-    @classmethod
-    def empty(cls) -> ImageSpans:
-        none = torch.zeros(0, dtype=torch.long)
-        return cls(none, none, none)
+    offset: int
+    length: int
+    request: int = 0
+    mm_hash: str | None = None
 
     @property
-    def end_row(self) -> torch.Tensor:
-        """First row after each image's rows: it pairs the last image token's hidden state."""
+    def end_row(self) -> int:
+        """First row after the image's rows: it pairs the last image token's hidden state."""
         return self.offset + self.length - 1
 
 
@@ -77,16 +73,18 @@ def _latest(sorted_keys: torch.Tensor, sorted_request: torch.Tensor, keys: torch
     return torch.where(same_request, index, -1)
 
 
-def _plan_positions(spans: ImageSpans, num_q: int, request: torch.Tensor,
+def _plan_positions(spans: torch.Tensor, num_q: int, request: torch.Tensor,
                     position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(is_dropped, compressed_index, global_feature_source) of the rows at (request, position)."""
-    if spans.request.numel() == 0:
+    """(is_dropped, compressed_index, global_feature_source) of the rows at (request, position);
+    spans: [images, 3] (request, offset, length)."""
+    if spans.shape[0] == 0:
         no_image = torch.full_like(position, -1)
         return torch.zeros_like(position, dtype=torch.bool), no_image, no_image
     num_compressed = num_q - 1
-    first_row_key = spans.request * _REQUEST_STRIDE + spans.offset  # the key of row offset - 1
+    span_request, offset, length = spans.unbind(1)
+    first_row_key = span_request * _REQUEST_STRIDE + offset  # the key of row offset - 1
     order = torch.argsort(first_row_key, stable=True)  # by request, then offset
-    sorted_request, sorted_end_row = spans.request[order], spans.end_row[order]
+    sorted_request, sorted_end_row = span_request[order], (offset + length - 1)[order]
     row_key = request * _REQUEST_STRIDE + position + 1
 
     # The image whose rows start last at or before the row: the row is one of that image's rows
@@ -105,18 +103,22 @@ def _plan_positions(spans: ImageSpans, num_q: int, request: torch.Tensor,
     return is_image_row & ~is_compressed, compressed_index, global_feature_source
 
 
-def plan_rows(spans: ImageSpans, num_q: int, query_start: torch.Tensor, window_start: torch.Tensor) -> RowPlan:
+def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor,
+              window_start: torch.Tensor) -> RowPlan:
     """The row plan of a flat batch of windows.
 
     Request r computes the rows at token positions [window_start[r], window_start[r] + n_r), laid
     out at flat rows [query_start[r], query_start[r+1]) with n_r = query_start[r+1] - query_start[r]
-    (query_start[0] = 0). All tensors on one device (the runtime plans on CPU); integer dtypes.
+    (query_start[0] = 0). Images may come in any order; an image's index in `images` is its index
+    in the plan. Images of one request must not overlap. Both tensors on one device (the runtime
+    plans on CPU); integer dtypes.
     """
     if num_q < 1:
         raise ValueError(f"num_q must be >= 1 (the adaptor's last query is the global feature), got {num_q}")
     query_start = query_start.long()
     window_start = window_start.long()
-    spans = ImageSpans(spans.request.long(), spans.offset.long(), spans.length.long())
+    spans = torch.tensor([(image.request, image.offset, image.length) for image in images], dtype=torch.long,
+                         device=window_start.device).reshape(-1, 3)
     if query_start.numel() != window_start.numel() + 1 or int(query_start[0]) != 0:
         raise ValueError("query_start must hold one more entry than window_start and start at 0")
     num_requests = window_start.numel()

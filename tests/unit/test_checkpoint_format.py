@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,17 +27,20 @@ from vispec_vllm.checkpoint import (
     load_checkpoint_description,
 )
 from vispec_vllm.checkpoint_format import (
-    PARAMETER_NAME_MAPPING,
+    VISPEC_DRAFT_CONFIG_ATTRIBUTE,
     DraftDims,
+    ViSpecDraftConfig,
     draft_config,
     draft_family,
     eagle_shapes,
+    masked_head_size,
     published_shapes,
     target_family,
     vispec_shapes,
     weight_layout,
 )
 from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
+from vispec_vllm.draft_model import ViSpecDraftModel
 from vispec_vllm.factory.tiny_models import write_tiny_models, write_vispec_draft
 
 TINY_TARGETS = ("tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl")
@@ -212,11 +217,17 @@ def vllm_module_parameters(qkv_bias: bool, has_bias: bool) -> set[str]:
     return params
 
 
+def module_parameter_of(name: str) -> tuple[str, str | int | None]:
+    """(parameter, shard id) the draft's loader (vLLM's WeightsMapper) gives a published name."""
+    [(parameter, tensor)] = list(ViSpecDraftModel.hf_to_vllm_mapper.apply([(name, torch.zeros(1))]))
+    return parameter, getattr(tensor, "shard_id", None)
+
+
 @pytest.mark.parametrize("qkv_bias", [False, True])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_every_published_name_lands_on_a_module_parameter(qkv_bias, has_bias):
     dims = DraftDims(128, 4, 32, 256, 512, qkv_bias, has_bias=has_bias)
-    mapped = {name: PARAMETER_NAME_MAPPING.map(name) for name in published_shapes(dims)}
+    mapped = {name: module_parameter_of(name) for name in published_shapes(dims)}
     assert mapped == {name: EXPECTED_MAPPING[name] for name in published_shapes(dims)}
     # Onto: every module parameter is loaded, each fused one from all of its shards.
     assert {param for param, _ in mapped.values()} == vllm_module_parameters(qkv_bias, has_bias)
@@ -225,6 +236,31 @@ def test_every_published_name_lands_on_a_module_parameter(qkv_bias, has_bias):
         shards.setdefault(param, set()).add(shard)
     assert shards["model.layers.0.self_attn.qkv_proj.weight"] == {"q", "k", "v"}
     assert shards["model.layers.0.mlp.gate_up_proj.weight"] == {0, 1}
+
+
+def test_masked_head_size_leaves_room_for_the_mask_channel():
+    cpu_sizes = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32.0's CPU attention backend
+    assert [masked_head_size(d, cpu_sizes) for d in (32, 64, 128, 200)] == [64, 80, 160, 224]
+    assert [masked_head_size(d, None) for d in (32, 128)] == [40, 136]  # any multiple of 8
+    with pytest.raises(ValueError, match=r"head_dim 512 leaves no room for the key-mask channel"):
+        masked_head_size(512, cpu_sizes)
+
+
+def test_draft_config_travels_as_one_plain_attribute():
+    config = ViSpecDraftConfig(num_q=5, head_dim=32, qkv_bias=True, has_bias=False, masked_head_size=64,
+                               ignored_weights=("lm_head.weight",), adaptive_schedule=True)
+    hf_config = SimpleNamespace(hidden_size=128)
+    assert ViSpecDraftConfig.stored_in(hf_config) is None
+    config.store_in(hf_config)
+    # Plain values under one attribute: JSON-writable, and it survives the trip to other processes.
+    assert set(vars(hf_config)) == {"hidden_size", VISPEC_DRAFT_CONFIG_ATTRIBUTE}
+    json.dumps(vars(hf_config))
+    assert ViSpecDraftConfig.stored_in(pickle.loads(pickle.dumps(hf_config))) == config
+    as_json = SimpleNamespace(**json.loads(json.dumps(vars(hf_config))))  # lists for tuples
+    assert ViSpecDraftConfig.stored_in(as_json) == config
+    broken = SimpleNamespace(**{VISPEC_DRAFT_CONFIG_ATTRIBUTE: {"num_q": 5}})
+    with pytest.raises(ValueError, match=rf"{VISPEC_DRAFT_CONFIG_ATTRIBUTE}.*expected a dict with the keys"):
+        ViSpecDraftConfig.stored_in(broken)
 
 
 def test_family_detection(tiny_models):
@@ -313,6 +349,11 @@ def test_valid_draft_describes_itself(draft, warnings):
     assert checkpoint.dims == TINY and checkpoint.ignored_weights == ()
     assert checkpoint.family == "llama" and checkpoint.architecture == "EagleViSpecLlamaForCausalLM"
     assert warnings == []
+    assert checkpoint.vispec_draft_config((32, 64), adaptive_schedule=True) == ViSpecDraftConfig(
+        num_q=2, head_dim=32, qkv_bias=False, has_bias=True, masked_head_size=64, ignored_weights=(),
+        adaptive_schedule=True)
+    with pytest.raises(ViSpecCheckpointError, match=rf"{draft / 'model.safetensors'}: head_dim 32 leaves no room"):
+        checkpoint.vispec_draft_config((16, 32), adaptive_schedule=False)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])

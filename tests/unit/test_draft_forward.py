@@ -37,8 +37,8 @@ def stand_in_draft() -> SimpleNamespace:
         global_image_feature=torch.zeros(MAX_ROWS, HIDDEN), compressed_token=torch.zeros(MAX_ROWS, HIDDEN),
         is_compressed_row=torch.zeros(MAX_ROWS, dtype=torch.bool),
         is_dropped_row=torch.zeros(MAX_ROWS, dtype=torch.bool))
-    draft.embed_input_ids = MethodType(ViSpecDraftModel.embed_input_ids, draft)
-    draft.clear_row_inputs = MethodType(ViSpecDraftModel.clear_row_inputs, draft)
+    for method in ("embed_input_ids", "clear_row_inputs", "set_text_rows", "set_planned_rows"):
+        setattr(draft, method, MethodType(getattr(ViSpecDraftModel, method), draft))
     return draft
 
 
@@ -92,6 +92,24 @@ def test_cleared_buffers_mean_no_image():
     _, seen_input, seen_dropped = draft.model.layers[0].seen
     torch.testing.assert_close(seen_input, no_image, rtol=0, atol=0)
     assert not seen_dropped.any()
+
+
+@torch.no_grad()
+def test_row_setters_fill_the_buffers_the_forward_reads():
+    draft = stand_in_draft()
+    g, tokens = torch.randn(5, HIDDEN), torch.randn(4, HIDDEN)  # compressed-token table, as a row plan indexes it
+    draft.set_planned_rows(g, torch.tensor([True, True, False, False, False]), torch.tensor([-1, -1, 3, 0, -1]),
+                           tokens)
+    assert torch.equal(draft.global_image_feature[:5], g)
+    assert draft.is_dropped_row.tolist()[:5] == [True, True, False, False, False]
+    assert draft.is_compressed_row.tolist()[:5] == [False, False, True, True, False]
+    assert torch.equal(draft.compressed_token[2], tokens[3]) and torch.equal(draft.compressed_token[3], tokens[0])
+    # The chain's rows: text rows fusing the given g; the rows past them are padding, cleared apart.
+    draft.set_text_rows(g[3:5])
+    draft.clear_row_inputs(2, MAX_ROWS)
+    assert torch.equal(draft.global_image_feature[:2], g[3:5]) and not draft.global_image_feature[2:].any()
+    assert not draft.is_dropped_row.any() and not draft.is_compressed_row.any()
+    assert not draft.compressed_token[2:].any()
 
 
 def stand_in_attention(num_heads: int, head_dim: int, padded_head_dim: int) -> SimpleNamespace:

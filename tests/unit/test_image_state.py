@@ -1,5 +1,6 @@
-"""The proposer's image state (capacity, eviction, the state log line) and the route of its miss
-count to /metrics (patches/image_state_metrics.py), without an engine."""
+"""The proposer's image state (vispec_vllm/proposer_state.py: capacity, eviction, lookups, the
+state log line) and the route of its miss count to /metrics (patches/image_state_metrics.py),
+without an engine."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vispec_vllm.proposer import (
+from vispec_vllm.proposer_state import (
     IMAGE_STATE_CAPACITY_ENV,
     NOT_SETTLED,
     CompressedImage,
@@ -67,6 +68,27 @@ def test_state_line_counts_tensors_and_misses():
     images.image_state_misses += 2
     assert images.take_new_image_state_misses() == 2
     assert images.take_new_image_state_misses() == 0
+
+
+def test_compressed_images_come_from_the_state_or_the_encoder_cache():
+    images = state(capacity=4)
+    images.remember("cached", image(1))
+    compressed = []
+
+    def compress(embeds):  # the adaptor's stand-in: tokens = embeds, g = their sum
+        compressed.append(embeds)
+        return embeds, embeds.sum(0)
+
+    encoder_cache = {"encoded": torch.ones(1, HIDDEN), "cached": torch.zeros(1, HIDDEN)}
+    found = images.compressed_images({0: "cached", 1: "encoded", 2: "gone", 3: "encoded", 4: "gone"},
+                                     encoder_cache, compress)
+    assert sorted(found) == [0, 1, 3] and found[1] is found[3]
+    assert float(found[0].global_image_feature[0]) == 1.0  # the state's, not the encoder cache's
+    assert float(found[1].global_image_feature[0]) == 1.0 and len(compressed) == 1  # compressed once
+    assert images.lookup("encoded") is found[1]  # kept for later chunks and prefix-cache hits
+    assert images.image_state_misses == 1  # one missing image, asked for twice in the step
+    images.compressed_images({0: "gone"}, encoder_cache, compress)
+    assert images.image_state_misses == 2 and images.missing_image_warned
 
 
 def test_batch_rows_follow_the_input_batch():

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from vispec_vllm.row_plan import ImageSpans, plan_rows
+from vispec_vllm.row_plan import ImageSpan, plan_rows
 
 Image = tuple[int, int]  # (offset, length)
 
@@ -53,7 +53,7 @@ def run_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int
     """plan_rows on the same inputs; `order` hands the spans over permuted (indices stay the caller's)."""
     flat = [(r, offset, length) for r, request_images in enumerate(images) for offset, length in request_images]
     order = order or list(range(len(flat)))
-    spans = ImageSpans(*(torch.tensor([flat[i][field] for i in order], dtype=torch.long) for field in range(3)))
+    spans = [ImageSpan(flat[i][1], flat[i][2], request=flat[i][0]) for i in order]
     lengths = [end - start for start, end in windows]
     query_start = torch.tensor([0] + lengths).cumsum(0)
     plan = plan_rows(spans, num_q, query_start, torch.tensor([start for start, _ in windows]))
@@ -138,9 +138,9 @@ def test_one_query_drops_every_image_row():
 def test_empty_batch_and_bad_input():
     assert run_plan([], 2, []) == ([], [], [], [])
     with pytest.raises(ValueError, match="num_q"):
-        plan_rows(ImageSpans.empty(), 0, torch.tensor([0, 1]), torch.tensor([0]))
+        plan_rows([], 0, torch.tensor([0, 1]), torch.tensor([0]))
     with pytest.raises(ValueError, match="query_start"):
-        plan_rows(ImageSpans.empty(), 2, torch.tensor([0, 1]), torch.tensor([0, 0]))
+        plan_rows([], 2, torch.tensor([0, 1]), torch.tensor([0, 0]))
 
 
 # -- against the naive reference ----------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Everything the ViSpec proposer keeps from one engine step to the next (docs/method.md §6.3).
+
+- Per image hash, the adaptor's output for the image (its compressed tokens and its global image
+  feature g), least recently used first and bounded: later prefill chunks and prefix-cache hits,
+  where the encoder does not run again, still find it.
+- Per running request that has images, once its rows lie past its last image's rows ("settled"),
+  the g every later row fuses; and, per row of vLLM's input batch, the position from which the
+  row's request is settled and that g as one device tensor, so that a decode step needs no
+  per-request Python work. Re-derived only when the batch's requests or their order change; a
+  request's entry is freed when it leaves.
+- The count of image-state misses (an image needed after it left both this state and vLLM's
+  encoder cache), the one warning about them, and when the state was last logged.
+
+No vLLM import: requests are read through the attributes the proposer hands over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vispec_vllm.row_plan import ImageSpan
+
+logger = logging.getLogger("vllm.vispec_vllm")
+
+IMAGE_MODALITIES = ("image", "video")  # ViSpec treats a video's tokens as one image run
+# How often the proposer logs the size of its state (operators watch it for leaks).
+STATE_LOG_INTERVAL_S = float(os.environ.get("VISPEC_VLLM_STATE_LOG_INTERVAL_S", "60"))
+IMAGE_STATE_CAPACITY_ENV = "VISPEC_VLLM_IMAGE_STATE_CAPACITY"
+# A batch row whose request has images but no known decode g yet.
+NOT_SETTLED = np.iinfo(np.int64).max
+
+
+def image_state_capacity(max_num_seqs: int) -> int:
+    """Images whose compressed state the proposer keeps (LRU): the env var, else 8 per sequence, >= 4096."""
+    value = os.environ.get(IMAGE_STATE_CAPACITY_ENV)
+    if value is None:
+        return max(4096, max_num_seqs * 8)
+    try:
+        capacity = int(value)
+    except ValueError:
+        capacity = 0
+    if capacity < 1:
+        raise ValueError(f"{IMAGE_STATE_CAPACITY_ENV}={value!r}: expected a positive number of images")
+    return capacity
+
+
+def request_image_spans(mm_features, request: int = 0) -> list[ImageSpan]:
+    """The images of one request (vLLM's `mm_features`), by offset, as the batch's request `request`."""
+    spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, request, f.identifier)
+             for f in mm_features or () if f.modality in IMAGE_MODALITIES]
+    return sorted(spans, key=lambda span: span.offset)
+
+
+@dataclass
+class CompressedImage:
+    compressed_tokens: torch.Tensor  # [num_q-1, H]
+    global_image_feature: torch.Tensor  # [H]
+
+
+@dataclass
+class SettledRequest:
+    """From token position `from_position` on, every row of the request fuses `global_image_feature`."""
+
+    from_position: int
+    global_image_feature: torch.Tensor  # [H]
+
+
+class ViSpecProposerState:
+    """Everything the proposer keeps between steps."""
+
+    def __init__(self, capacity: int, max_batch_size: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.capacity = capacity
+        # Compressed state per image hash, least recently used first.
+        self.images: OrderedDict[str, CompressedImage] = OrderedDict()
+        # Running requests with images whose decode g is known; freed when a request leaves.
+        self.settled: dict[str, SettledRequest] = {}
+        # Images a step needed whose state was in neither the proposer's nor the encoder's cache.
+        self.image_state_misses = 0
+        self.reported_image_state_misses = 0
+        self.missing_image_warned = False
+        self.logged_at = time.monotonic()
+        # Per row of vLLM's input batch, as of `batch_req_ids` (re-derived when that changes):
+        # the position from which the row's request is settled (0: no image; NOT_SETTLED) and its g.
+        self.batch_req_ids: list[str] = []
+        self.settled_from = np.full(max_batch_size, NOT_SETTLED, dtype=np.int64)
+        self.decode_global_image_feature = torch.zeros(max_batch_size, hidden_size, dtype=dtype, device=device)
+
+    def remember(self, mm_hash: str, image: CompressedImage) -> None:
+        self.images[mm_hash] = image
+        self.images.move_to_end(mm_hash)
+        while len(self.images) > self.capacity:
+            self.images.popitem(last=False)
+
+    def lookup(self, mm_hash: str) -> CompressedImage | None:
+        image = self.images.get(mm_hash)
+        if image is not None:
+            self.images.move_to_end(mm_hash)
+        return image
+
+    def compressed_images(self, hashes: Mapping[int, str], encoder_cache: Mapping[str, torch.Tensor],
+                          compress: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                          ) -> dict[int, CompressedImage]:
+        """Image index -> compressed state, for the images found here or in vLLM's encoder cache
+        (compressed by `compress` on first use); each missing image counts as one miss."""
+        found: dict[int, CompressedImage] = {}
+        by_hash: dict[str, CompressedImage | None] = {}
+        for index, mm_hash in hashes.items():
+            if mm_hash not in by_hash:
+                by_hash[mm_hash] = self._compressed_image(mm_hash, encoder_cache, compress)
+            if by_hash[mm_hash] is not None:
+                found[index] = by_hash[mm_hash]
+        return found
+
+    def _compressed_image(self, mm_hash: str, encoder_cache: Mapping[str, torch.Tensor],
+                          compress: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                          ) -> CompressedImage | None:
+        image = self.lookup(mm_hash)
+        if image is not None:
+            return image
+        image_embeds = encoder_cache.get(mm_hash)
+        if image_embeds is None:
+            self._count_miss(mm_hash)
+            return None
+        with torch.inference_mode():
+            image = CompressedImage(*compress(image_embeds))
+        self.remember(mm_hash, image)
+        return image
+
+    def _count_miss(self, mm_hash: str) -> None:
+        # Only after the image's features left both caches (evicted, and a prefix-cache hit
+        # skipped the encoder): drafts lose the image, outputs stay the target's.
+        self.image_state_misses += 1
+        if not self.missing_image_warned:
+            logger.warning("ViSpec: no features for image %s (evicted from the proposer's state, capacity %d, and "
+                           "from the encoder cache); drafting without it. Further misses are counted in "
+                           "vispec:image_state_misses_total and the state log line", mm_hash, self.capacity)
+            self.missing_image_warned = True
+
+    def sync_batch(self, req_ids: list[str], requests: Mapping) -> None:
+        """Re-derive the per-row state if the input batch's requests or their order changed."""
+        if req_ids == self.batch_req_ids:
+            return
+        self.batch_req_ids = list(req_ids)
+        for req_id in [r for r in self.settled if r not in requests]:
+            del self.settled[req_id]
+        num_rows = len(req_ids)
+        self.settled_from[:num_rows] = NOT_SETTLED
+        self.decode_global_image_feature[:num_rows].zero_()
+        settled_rows, features = [], []
+        for row, req_id in enumerate(req_ids):
+            entry = self.settled.get(req_id)
+            if entry is not None:
+                self.settled_from[row] = entry.from_position
+                settled_rows.append(row)
+                features.append(entry.global_image_feature)
+            elif not request_image_spans(requests[req_id].mm_features):
+                self.settled_from[row] = 0  # text only: every row fuses zero
+        if settled_rows:
+            self.decode_global_image_feature[settled_rows] = torch.stack(features)
+
+    def settle(self, row: int, req_id: str, from_position: int, global_image_feature: torch.Tensor) -> None:
+        self.settled[req_id] = SettledRequest(from_position, global_image_feature.clone())
+        self.settled_from[row] = from_position
+
+    def take_new_image_state_misses(self) -> int:
+        new = self.image_state_misses - self.reported_image_state_misses
+        self.reported_image_state_misses = self.image_state_misses
+        return new
+
+    def summary(self) -> str:
+        images = len(self.images)
+        tensor_bytes = sum(t.nbytes for image in self.images.values()
+                           for t in (image.compressed_tokens, image.global_image_feature))
+        tensor_bytes += sum(entry.global_image_feature.nbytes for entry in self.settled.values())
+        return (f"ViSpec proposer state: {len(self.settled)} requests with image state, {images} cached images "
+                f"(capacity {self.capacity}), {2 * images + len(self.settled)} cached tensors "
+                f"({tensor_bytes / 2**20:.1f} MiB), {self.image_state_misses} image-state misses")
+
+    def log_summary_now_and_then(self) -> None:
+        if time.monotonic() - self.logged_at >= STATE_LOG_INTERVAL_S:
+            logger.info("%s", self.summary())
+            self.logged_at = time.monotonic()
