@@ -13,9 +13,16 @@ untouched). `expand_batch_to_tokens(torch.tensor([1.0, 0.7]), torch.tensor([3, 6
 zeros or denormals instead of [1, 1, 1, 0.7, 0.7, 0.7].
 
 The replacement below does the kernel's job in PyTorch, in the output's own dtype. It is applied
-for every speculative method (it is vLLM's bug; any speculative CPU user hits it), before the
-worker registers its CPU kernel overrides (`WorkerBase.init_worker` loads general plugins, then
-calls `current_platform.register_triton_kernel_overrides()`, which reads the module attribute).
+for every speculative method (it is vLLM's bug; any speculative CPU user hits it), and it works
+only if it is in place before the worker registers its CPU kernel overrides:
+`WorkerBase.init_worker` loads general plugins, then calls
+`current_platform.register_triton_kernel_overrides()`, which reads the module attribute once and
+routes `rejection_sampler._expand` to it (`vllm.triton_utils.dispatcher.register_kernels`). So
+the replacement checks that order where it matters: `RejectionSampler.__init__` (the model
+runner builds one when speculation is on, after the overrides are registered) is wrapped to
+confirm that the kernel `_expand` launches is this replacement, and otherwise stops start-up
+with a `PatchError` naming this unit (were vLLM's stand-in registered instead, every sampled
+output with speculation would silently come from the wrong distribution).
 Guard: the CPU platform without Triton (where vLLM registers these fallbacks), vLLM 0.32.0 (the
 plugin loads under no other). It can go when vLLM's CPU fallback writes into `output` itself
 (vLLM issue #55005, fix PR #55006; docs/upstream.md §1).
@@ -31,7 +38,7 @@ vLLM's `apply_top_k_only` returns early on an empty batch (docs/upstream.md §2)
 from __future__ import annotations
 
 import torch
-from vispec_vllm.patches._wrap import wrap
+from vispec_vllm.patches._wrap import PatchError, wrap
 
 
 def expand_kernel(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.Tensor, replace_from,
@@ -59,6 +66,30 @@ def _make_apply_top_k_only(original):
     return apply_top_k_only
 
 
+def check_expand_kernel_in_effect() -> None:
+    """Stop with a PatchError unless the kernel vLLM's `_expand` launches is `expand_kernel` above."""
+    from vllm.v1.sample import rejection_sampler
+
+    # After register_kernels, `_expand.kernel` is a KernelOverride whose `func` is what it calls.
+    launched = getattr(rejection_sampler._expand.kernel, "func", None)
+    if launched is not expand_kernel:
+        raise PatchError(__name__, (
+            "vLLM's rejection sampler launches "
+            f"{getattr(launched, '__module__', '?')}.{getattr(launched, '__qualname__', launched)} for "
+            "rejection_sampler.expand_kernel, not this patch's replacement: vLLM registered its CPU kernel "
+            "overrides (CpuPlatform.register_triton_kernel_overrides) before the plugin replaced "
+            "vllm.utils.cpu_triton_utils._expand_kernel_impl, so sampling at temperature > 0 with speculation "
+            "would read uninitialised temperature, top-k and top-p"))
+
+
+def _make_rejection_sampler_init(original_init):
+    def __init__(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        check_expand_kernel_in_effect()
+
+    return __init__
+
+
 def applies() -> bool:
     from vllm.platforms import current_platform
     from vllm.triton_utils import HAS_TRITON
@@ -71,7 +102,9 @@ def apply() -> None:
         return
     from vllm.utils import cpu_triton_utils
     from vllm.v1.sample.ops import topk_topp_sampler
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
 
     # vLLM's stand-in loses its result (see above): replaced, not called.
     wrap(cpu_triton_utils, "_expand_kernel_impl", lambda original_expand_kernel: expand_kernel)
+    wrap(RejectionSampler, "__init__", _make_rejection_sampler_init)
     wrap(topk_topp_sampler, "apply_top_k_only", _make_apply_top_k_only)

@@ -16,28 +16,40 @@ The wrapper keeps vLLM's result for every request and rewrites only the discarde
 partial prefills, `discard_request_mask`) with `get_token_id(s)`, s from the runner's
 `optimistic_seq_lens_cpu`; a loop over those requests only, on host copies vLLM already holds.
 `__init__` is wrapped to keep the runner, which vLLM passes to the proposer but does not store.
-Guard: proposers built without a runner are left as vLLM made them. It can go when vLLM's padded
-path picks the token after the chunk (docs/upstream.md §3).
+The fix cannot work without that runner, so it fails loudly instead of switching itself off: a
+proposer built without one stops start-up with a `PatchError` naming this unit, and a runner
+without the two buffers it reads stops the engine the same way at the first padded drafter
+batch. It can go when vLLM's padded path picks the token after the chunk (docs/upstream.md §3).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from vispec_vllm.patches._wrap import wrap
+from vispec_vllm.patches._wrap import PatchError, wrap
+
+RUNNER_BUFFERS = ("discard_request_mask", "optimistic_seq_lens_cpu")  # what the fix reads from the runner
 
 
 def _make_init(original):
     def __init__(self, vllm_config, device, *args, **kwargs) -> None:
-        original(self, vllm_config, device, *args, **kwargs)
         # SpecDecodeBaseProposer(vllm_config, device, pass_hidden_states_to_model, runner=None)
-        self.vispec_runner = kwargs.get("runner", args[1] if len(args) > 1 else None)
+        runner = kwargs.get("runner", args[1] if len(args) > 1 else None)
+        if runner is None:
+            raise PatchError(__name__, f"vLLM built {type(self).__name__} without its model runner (the `runner` "
+                                       "argument); the chunk-boundary fix reads the runner's "
+                                       f"{' and '.join(RUNNER_BUFFERS)}")
+        original(self, vllm_config, device, *args, **kwargs)
+        self.vispec_runner = runner
 
     return __init__
 
 
 def next_prompt_token_ids(runner, requests, input_batch) -> tuple[np.ndarray, list[int]]:
     """Batch rows of the partial prefills, and the prompt token each one's chunk ends before."""
+    missing = [name for name in RUNNER_BUFFERS if not hasattr(runner, name)]
+    if missing:
+        raise PatchError(__name__, f"the model runner ({type(runner).__name__}) has no {', '.join(missing)}")
     num_reqs = input_batch.num_reqs
     rows = np.flatnonzero(runner.discard_request_mask.np[:num_reqs])
     seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].numpy()
@@ -49,10 +61,7 @@ def _make_prepare_next_token_ids_padded(original):
     def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch, discard_request_mask):
         next_token_ids, valid_sampled_tokens_count = original(self, sampled_token_ids, requests, gpu_input_batch,
                                                               discard_request_mask)
-        runner = getattr(self, "vispec_runner", None)
-        if runner is None:
-            return next_token_ids, valid_sampled_tokens_count
-        rows, tokens = next_prompt_token_ids(runner, requests, gpu_input_batch)
+        rows, tokens = next_prompt_token_ids(self.vispec_runner, requests, gpu_input_batch)
         if len(rows):
             next_token_ids[torch.from_numpy(rows).to(next_token_ids.device)] = torch.tensor(
                 tokens, dtype=next_token_ids.dtype).to(next_token_ids.device)

@@ -6,6 +6,9 @@ default. Why: ViSpec's proposer plugs into the V1 runner's EAGLE proposer; MRV2'
 a different code path. Listing ViSpec as unsupported makes vLLM itself log one line ("Model Runner
 V2 does not yet support ViSpec drafts (vispec-vllm); using the V1 model runner instead.") and
 use V1, exactly as for its own unsupported features. On CPU, V1 is already used (no Triton).
+A user who forces V2 (`VLLM_USE_V2_MODEL_RUNNER=1`) gets vLLM's own start-up error, "Model Runner V2
+does not yet support: ViSpec drafts (vispec-vllm)", from `VllmConfig._validate_v2_model_runner`,
+which reads the same list, instead of a ViSpec draft run without its proposer.
 Guard: only when the draft config names a ViSpec architecture.
 """
 

@@ -42,6 +42,22 @@ def test_unsupported_vllm_version_refuses_with_one_clear_message():
     assert len(refusals) == 1 and "found vLLM 0.31.1" in refusals[0]
 
 
+def test_a_patch_that_cannot_apply_stops_start_up_naming_it():
+    # As if a vLLM change had removed a function a patch replaces: vLLM's plugin loader (which every
+    # process runs at start-up) must stop with the patch's name, not carry on half patched.
+    result = run_python(
+        "from vllm.v1.engine.output_processor import OutputProcessor\n"
+        "del OutputProcessor._finish_request\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "print('STARTED')\n"
+    )
+    assert result.returncode != 0 and "STARTED" not in result.stdout
+    assert ("PatchError: vispec-vllm patch request_kind_metrics (patches/request_kind_metrics.py, written against "
+            "vLLM 0.32.0): OutputProcessor has no attribute '_finish_request' to patch") in result.stderr, \
+        result.stderr[-3000:]
+
+
 def test_vllm_and_processors_import_in_a_fresh_interpreter():
     # The set-up's torchvision shim is what makes these imports work beside torch+cpu.
     result = run_python(

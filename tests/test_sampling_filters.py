@@ -14,7 +14,7 @@ import pytest
 from conftest import make_llm, shutdown_llm
 
 from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
-from vispec_vllm.training.data import scene_prompts
+from vispec_vllm.demo.prompts import scene_prompts
 
 pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("fixed_number_of_draft_tokens")]
 

@@ -41,7 +41,9 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group.
 
     Under an unsupported vLLM the plugin refuses to load: one error line, nothing registered or
-    patched, and vLLM itself carries on unchanged.
+    patched, and vLLM itself carries on unchanged. Under the supported one, a patch unit that
+    cannot apply raises `vispec_vllm.patches._wrap.PatchError`, naming the unit, which stops
+    vLLM's start-up: a half-patched vLLM would run ViSpec drafts, or sample, wrongly and silently.
     """
     global registered_in_process
     if registered_in_process:

@@ -74,6 +74,68 @@ def test_expand_batch_to_tokens_replaces_and_skips_requests_without_drafts(dtype
     assert expanded.tolist() == pytest.approx(expand_reference(values, cu_num_tokens, replace_from=0, replace_to=1))
 
 
+def test_the_rejection_sampler_checks_that_the_replacement_was_registered():
+    # patches/cpu_sampling_fallbacks.py replaces vLLM's expand stand-in, which vLLM reads once, when
+    # the worker registers its overrides. Were they registered before the plugin replaced it (a
+    # change in vLLM's start-up order), building the rejection sampler, as the model runner does at
+    # start-up, must stop with an error that names the patch rather than sample from garbage.
+    from vispec_vllm.patches._wrap import PatchError, original_of
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    RejectionSampler(Sampler())  # the worker's order (plugin, then overrides): accepted
+    try:
+        with pytest.MonkeyPatch.context() as before_the_plugin:
+            before_the_plugin.setattr(cpu_triton_utils, "_expand_kernel_impl",
+                                      original_of(cpu_triton_utils, "_expand_kernel_impl"))
+            current_platform.register_triton_kernel_overrides()
+        with pytest.raises(PatchError, match=r"^vispec-vllm patch cpu_sampling_fallbacks .*launches "
+                                             r"vllm\.utils\.cpu_triton_utils\._expand_kernel_impl"):
+            RejectionSampler(Sampler())
+    finally:
+        current_platform.register_triton_kernel_overrides()  # the patched stand-in again, for the other tests
+    RejectionSampler(Sampler())
+
+
+def sampling_metadata(temperature: list[float], top_k: list[int]):
+    """A random-sampling batch with per-request temperature and top-k, nothing else (as InputBatch makes it)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    num_reqs = len(temperature)
+    return SamplingMetadata(
+        temperature=torch.tensor(temperature), all_greedy=False, all_random=True, top_p=None,
+        top_k=torch.tensor(top_k, dtype=torch.int32), generators={}, max_num_logprobs=None, no_penalties=True,
+        prompt_token_ids=None, frequency_penalties=torch.zeros(num_reqs), presence_penalties=torch.zeros(num_reqs),
+        repetition_penalties=torch.ones(num_reqs), output_token_ids=[[] for _ in range(num_reqs)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+
+
+def test_top_k_on_a_verify_step_without_draft_tokens():
+    # A verify step whose requests carry no draft tokens: the rejection sampler samples each
+    # request's bonus token and hands apply_sampling_constraints target logits of shape
+    # [0, vocab]; vLLM's CPU top-k (apply_top_k_only) took `k.max()` of the empty top-k and raised
+    # (patches/cpu_sampling_fallbacks.py). Through vLLM's own RejectionSampler.forward.
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    top_k = [3, 5]
+    logits = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    rejection_sampler = RejectionSampler(Sampler())
+    no_drafts = SpecDecodeMetadata.make_dummy([[], []], torch.device("cpu"))
+    no_drafts.bonus_logits_indices = torch.tensor([0, 1], dtype=torch.int32)
+    sampled = set()
+    for _ in range(20):
+        output = rejection_sampler(no_drafts, None, logits.clone(), sampling_metadata([1.0, 0.5], top_k))
+        assert output.sampled_token_ids.shape == (2, 1)  # one bonus token per request, nothing verified
+        sampled |= {(request, int(token)) for request, token in enumerate(output.sampled_token_ids[:, 0])}
+    allowed = {(request, int(token)) for request in range(2) for token in logits[request].topk(top_k[request]).indices}
+    assert sampled <= allowed and len(sampled) > 2  # top-k applied, and sampling, not argmax
+
+
 # -- block_table.ComputeSlotMappingKernel (BlockTable.compute_slot_mapping) ------------------------
 
 
