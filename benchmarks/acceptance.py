@@ -43,7 +43,7 @@ def main() -> None:
     # Acceptance at a given K: load-adaptive speculation would lower K for the batched requests.
     os.environ["VISPEC_VLLM_ADAPTIVE"] = "0"
     from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
-    from vispec_vllm.training.data import scene_prompts
+    from vispec_vllm.demo.prompts import scene_prompts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, default=DEMO_TARGET)

@@ -104,16 +104,25 @@ def start_servers(stack: contextlib.ExitStack, setups: dict[str, tuple[list[str]
 # Acceptance in an in-process engine
 
 
-def spec_decode_counters(llm) -> tuple[float, float]:
-    """(drafts, accepted draft tokens) so far, from an in-process engine's metrics."""
-    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-    return metrics.get("vllm:spec_decode_num_drafts") or 0.0, metrics.get("vllm:spec_decode_num_accepted_tokens") or 0.0
+def spec_decode_counters(llm) -> tuple[float, float, list[float]]:
+    """(drafts, accepted draft tokens, accepted draft tokens at each speculative position, position 1
+    first) so far, from an in-process engine's metrics."""
+    metrics = {m.name: m for m in llm.get_metrics()}
+
+    def value(name: str) -> float:
+        return getattr(metrics.get(name), "value", None) or 0.0
+
+    per_position = getattr(metrics.get("vllm:spec_decode_num_accepted_tokens_per_pos"), "values", None) or []
+    return (value("vllm:spec_decode_num_drafts"), value("vllm:spec_decode_num_accepted_tokens"),
+            [float(v) for v in per_position])
 
 
-def measure_acceptance(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list],
-                       max_tokens: int, max_images: int = 1) -> dict[str, float]:
-    """vLLM's mean acceptance length (1 + accepted/drafts) of `draft` at K=`k` for each kind of
-    `prompts`, greedy, float32, in-process; the caller sets the in-process environment."""
+def measure_acceptance_by_position(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list],
+                                   max_tokens: int, max_images: int = 1) -> dict[str, tuple[float, list[float]]]:
+    """For each kind of `prompts`: vLLM's mean acceptance length (1 + accepted/drafts) of `draft` at
+    K=`k`, and the acceptance rate at each speculative position 1..K (accepted at the position /
+    drafts), from vLLM's per-position counters; greedy, float32, in-process; the caller sets the
+    in-process environment."""
     from vllm import LLM, SamplingParams
 
     spec = {"model": str(draft), "num_speculative_tokens": k, **({"method": method} if method else {})}
@@ -124,15 +133,26 @@ def measure_acceptance(target: Path, draft: Path, method: str | None, k: int, pr
     result = {}
     try:
         for kind, conversations in prompts.items():
-            drafts_before, accepted_before = spec_decode_counters(llm)
+            drafts_before, accepted_before, per_position_before = spec_decode_counters(llm)
             llm.chat(conversations, sampling, use_tqdm=False)
-            drafts, accepted = spec_decode_counters(llm)
+            drafts, accepted, per_position = spec_decode_counters(llm)
             drafts, accepted = drafts - drafts_before, accepted - accepted_before
-            result[kind] = 1.0 + accepted / drafts if drafts else 1.0
+            per_position_before += [0.0] * (len(per_position) - len(per_position_before))
+            result[kind] = (1.0 + accepted / drafts if drafts else 1.0,
+                            [(after - before) / drafts if drafts else 0.0
+                             for after, before in zip(per_position, per_position_before, strict=True)])
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
     return result
+
+
+def measure_acceptance(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list],
+                       max_tokens: int, max_images: int = 1) -> dict[str, float]:
+    """vLLM's mean acceptance length (1 + accepted/drafts) of `draft` at K=`k` for each kind of
+    `prompts`, greedy, float32, in-process; the caller sets the in-process environment."""
+    return {kind: mean for kind, (mean, _) in measure_acceptance_by_position(
+        target, draft, method, k, prompts, max_tokens, max_images).items()}
 
 
 # --------------------------------------------------------------------------------------------

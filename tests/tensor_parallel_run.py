@@ -7,7 +7,7 @@ import sys
 
 from conftest import chat_tokens, make_llm
 
-from vispec_vllm.training.data import scene_prompt
+from vispec_vllm.demo.prompts import scene_prompt
 
 
 def main() -> None:

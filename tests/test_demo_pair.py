@@ -12,8 +12,8 @@ import pytest
 from conftest import chat_tokens, engine_metrics, make_llm, shutdown_llm
 
 from vispec_vllm.demo.models import DEMO_PAIRS
+from vispec_vllm.demo.prompts import scene_prompts, with_images
 from vispec_vllm.demo.target import RECIPES
-from vispec_vllm.training.data import scene_prompts, with_images
 
 pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("fixed_number_of_draft_tokens")]  # K on every step
 

@@ -14,6 +14,7 @@ from conftest import chat_tokens, engine_metrics, make_llm, mixed_conversations,
 from safetensors.torch import load_file
 
 from vispec_vllm.checkpoint import load_checkpoint_description
+from vispec_vllm.target_checkpoint import TargetCheckpoint
 from vispec_vllm.training.data import generate_training_data, load_records, prompts_from_conversations
 from vispec_vllm.training.train import TrainConfig, train_draft
 
@@ -23,19 +24,6 @@ FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl"]
 MAX_TOKENS = 8
 
 
-def target_weights(target_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    weights = load_file(target_dir / "model.safetensors")
-    embed = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight") and "vision" not in k)
-    return embed, next(v for k, v in weights.items() if k.endswith("lm_head.weight"))
-
-
-def image_token_id(target_dir) -> int:
-    import json
-
-    config = json.loads((target_dir / "config.json").read_text())
-    return config.get("image_token_index", config.get("image_token_id"))
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_records_line_up(tiny_models, tmp_path, name):
     target = tiny_models / name
@@ -43,12 +31,13 @@ def test_records_line_up(tiny_models, tmp_path, name):
     out = generate_training_data(target, tmp_path / "data", prompts_from_conversations(conversations),
                                  num_samples=4, max_tokens=MAX_TOKENS, shard_size=3)
     assert sorted(p.name for p in out.iterdir()) == ["shard_00000.pt", "shard_00001.pt"]
-    embed, lm_head = target_weights(target)
+    checkpoint = TargetCheckpoint.read(target)
+    embed, lm_head = checkpoint.input_embedding(), checkpoint.lm_head()
     records = load_records(out)
     assert len(records) == 4
     for record, num_images in zip(records, (1, 1, 0, 2), strict=True):
         ids, mask = record["input_ids"], record["image_mask"].bool()
-        assert torch.equal(mask, ids == image_token_id(target))
+        assert torch.equal(mask, ids == checkpoint.image_token_id)
         assert (mask.sum() > 0) == (num_images > 0)
         text = ~mask
         assert torch.allclose(record["inputs_embeds"][text].float(), embed[ids[text]], atol=2e-3)

@@ -29,7 +29,6 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
@@ -49,35 +48,13 @@ from vispec_vllm.checkpoint_format import (
     VISPEC_DRAFT_CONFIG_ATTRIBUTE,
     ViSpecDraftConfig,
 )
+from vispec_vllm.vision_adaptor import ViSpecVisionAdaptor
 
 logger = init_logger(__name__)
 
 # Score penalty before scaling: times head_dim**-0.5 (>= 1/16 for head_dim <= 256) it is >= 625,
 # far past exp underflow in fp32, and it is exactly representable in fp16 and bf16 KV caches.
 KEY_MASK_VALUE = 1.0e4
-
-
-class ViSpecVisionAdaptor(nn.Module):
-    """`num_q` learned queries cross-attending (no mask) over one image's target input embeddings.
-
-    Output rows 0..num_q-2 are the compressed image tokens; row num_q-1 is the global image feature.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_q: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.q = nn.Parameter(torch.empty(num_q, num_heads, head_dim))
-        self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        num_tokens = image_embeds.shape[0]
-        keys = self.k_proj(image_embeds).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)
-        values = self.v_proj(image_embeds).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)
-        queries = self.q.transpose(0, 1).to(keys.dtype)
-        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=False)
-        return self.o_proj(out.transpose(0, 1).reshape(self.q.shape[0], -1))
 
 
 class ViSpecAttention(nn.Module):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vispec_vllm.demo.models import DEMO_PAIRS
+from vispec_vllm.demo.prompts import reference_captions, with_images
 from vispec_vllm.demo.target import RECIPES
-from vispec_vllm.training.data import TargetRecorder, reference_captions, with_images
+from vispec_vllm.training.data import TargetRecorder
 
 ANSWER_TOKENS = 48
 

@@ -1,126 +1,203 @@
-"""Rebuild the shipped demo pairs and their comparison drafts (`vispec-vllm build-demo OUT_DIR`).
+"""Rebuild the shipped demo pairs (`vispec-vllm build-demo OUT_DIR`) and train the drafts the regime
+experiment compares (`python -m vispec_vllm.demo.build WORK --recipe NAME --target DIR`).
 
 1. the target: a small LLaVA-layout model trained from scratch on synthetic scenes
-   (`vispec_vllm.demo.target`; 36 or 576 image tokens per image);
-2. training records, all teacher-forced through the target with e and h recorded:
+   (`vispec_vllm.demo.target`, one recipe per target);
+2. training records, all teacher-forced through the target with e and h recorded, from the prompts
+   the demo hands training (`vispec_vllm.demo.prompts`; never a held-out layout):
    - `generated`: the target's own answers to training prompts (generated with vLLM),
    - `text`: the scene generator's reference descriptions after a text-only prompt (no image),
    - `captions`: training images with the scene generator's short captions;
-3. four drafts per seed with the same budget (2 x `epochs` passes over `num_samples` records):
+3. the drafts of each training seed, all with one budget (`DraftBudget`): the same number of
+   optimiser steps (two halves of `epochs` passes over `num_samples` records), the same schedule
+   in every half (linear warm-up over its first 1/epochs, then linear decay) and the same peak lr:
    - vispec:            stage 1 (EAGLE-style) on `generated`, then stage 2 (ViSpec) on `generated`,
    - vispec-no-adaptor: the same with the adaptor held at zero (ablation),
-   - eagle:             stage 1 on `generated` for both halves (the same data, no adaptor),
-   - eagle-captions:    stage 1 on `text`, then on `captions` (the method's EAGLE baseline: text
-                        conversations, then an image-caption fine-tune; no target-generated answers).
-Every step resumes: the target from its checkpoint, records by shard, drafts by a completion marker.
+   - vispec-keep:       the same with every image row kept (ablation: adaptor and g, no dropping),
+   - eagle:             stage 1 on `generated` in both halves (the same data as ViSpec, no adaptor),
+   - eagle-drop:        eagle with every image row dropped (ablation: the image reaches it only
+                        through the target's hidden states at text rows),
+   - eagle-text:        stage 1 on `text` in both halves: no image data at all (the paper's EAGLE-2
+                        analogue),
+   - eagle-captions:    eagle-text, whose last `caption_fraction` of the budget is a fine-tune on
+                        `captions` at the lower `caption_lr`;
+   and the ViSpec training variants (`VARIANTS`), each with the same budget.
+Every step resumes: the target from its checkpoint, records by shard, drafts by a completion marker
+(a draft finished under another training config is refused, not reused).
 Training writes float32 under OUT_DIR/fp32/; the fp16 copies beside them are what
 `vispec_vllm/demo/models/` ships.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vispec_vllm.demo.target import LLAVA15_SCALE, RECIPES, TargetRecipe
+from vispec_vllm.demo.target import LLAVA15_SCALE, RECIPES_BY_NAME, TargetRecipe
 
-DRAFT_KINDS = ("vispec", "eagle", "eagle-captions", "vispec-no-adaptor")
-# ViSpec training variants, for choosing the recipe (same data, start and budget as `vispec`).
-VISPEC_VARIANTS = {
+if TYPE_CHECKING:
+    from vispec_vllm.training.train import TrainConfig
+
+DRAFT_KINDS = ("vispec", "eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor")
+# What `build_demo` ships beside each target (vispec_vllm/demo/models).
+SHIPPED_KINDS = ("vispec", "eagle", "eagle-captions", "vispec-no-adaptor")
+# ViSpec training variants: TrainConfig changes to `vispec` (same data, budget, schedule); a change
+# that shapes the stage-1 checkpoint too (STAGE1_OPTIONS) applies to both halves.
+VARIANTS = {
+    "vispec-bias": {"fc_bias": True},  # the published drafts' fc / img_fc biases
     "vispec-q8": {"num_q": 8},
     "vispec-mtp3": {"mtp_steps": 3},
     "vispec-reg": {"hidden_regression": True},
-    "vispec-lr": {"lr": 1e-3},  # stage 2 at stage 1's learning rate
+}
+STAGE1_OPTIONS = ("fc_bias",)
+# How vLLM serves each kind: stage-1 checkpoints as plain EAGLE (method "eagle"), the rest as ViSpec.
+EAGLE_LAYOUT_KINDS = ("eagle", "eagle-text", "eagle-captions")
+# Trained for the experiment, but not servable by the plugin yet, and why.
+NOT_YET_SERVABLE = {
+    "eagle-drop": "its checkpoint is a ViSpec one with num_q = 1 (every image row dropped, img_fc = [I | 0]); "
+                  "the checkpoint validator accepts num_q >= 2 only",
+    "vispec-keep": "the proposer drops image rows by the row plan; keeping them needs a draft-config option "
+                   "that leaves is_dropped_row all false",
 }
 DONE_MARKER = "trained.done"
+TRAINING_CONFIG = "training_config.json"
 
 
 @dataclass(frozen=True)
 class DraftBudget:
-    """The same for every draft kind: each trains 2 x `epochs` passes over `num_samples` records."""
+    """The same for every draft kind: each trains 2 x `epochs` x `num_samples` optimiser steps."""
 
     num_samples: int = 240
     epochs: int = 10
     max_tokens: int = 448  # generated answer length cap (the longest reference answer fits)
-    stage1_lr: float = 1e-3
-    stage2_lr: float = 5e-4
+    lr: float = 1e-3  # the peak lr of every half of every draft
+    caption_fraction: float = 0.1  # of the whole budget: eagle-captions' caption fine-tune
+    caption_lr: float = 1e-4
+
+    @property
+    def half_steps(self) -> int:
+        return self.epochs * self.num_samples
+
+    @property
+    def caption_steps(self) -> int:
+        return round(self.caption_fraction * 2 * self.half_steps)
+
+
+def budget_for(recipe: TargetRecipe) -> DraftBudget:
+    """The draft budget for a target: answers up to the recipe's longest reference answer."""
+    return DraftBudget(max_tokens=recipe.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One training run of a draft plan: its records, its config, and the run it starts from."""
+
+    records: str  # "generated", "text" or "captions"
+    config: TrainConfig
+    start: str | None = None
+
+
+def draft_plan(budget: DraftBudget, seed: int) -> dict[str, TrainingStage]:
+    """Every run the drafts of one training seed need, by name: each draft kind and variant is the
+    run of its name, preceded by the run it starts from."""
+    from vispec_vllm.training.train import TrainConfig
+
+    stage1 = TrainConfig(stage=1, epochs=budget.epochs, steps=budget.half_steps, lr=budget.lr, seed=seed)
+    stage2 = replace(stage1, stage=2)
+    drop = replace(stage1, drop_image_rows=True)
+    plan = {
+        "stage1-generated": TrainingStage("generated", stage1),
+        "vispec": TrainingStage("generated", stage2, "stage1-generated"),
+        "vispec-no-adaptor": TrainingStage("generated", replace(stage2, zero_adaptor=True), "stage1-generated"),
+        "vispec-keep": TrainingStage("generated", replace(stage2, keep_image_rows=True), "stage1-generated"),
+        "eagle": TrainingStage("generated", stage1, "stage1-generated"),
+        "stage1-generated-drop": TrainingStage("generated", drop),
+        "eagle-drop": TrainingStage("generated", drop, "stage1-generated-drop"),
+        "stage1-text": TrainingStage("text", stage1),
+        "eagle-text": TrainingStage("text", stage1, "stage1-text"),
+        "stage1-text-before-captions": TrainingStage(
+            "text", replace(stage1, steps=budget.half_steps - budget.caption_steps), "stage1-text"),
+        "eagle-captions": TrainingStage("captions", replace(stage1, steps=budget.caption_steps, lr=budget.caption_lr),
+                                        "stage1-text-before-captions"),
+    }
+    for name, changes in VARIANTS.items():
+        first_half = f"stage1-generated-{name}"
+        first_changes = {k: v for k, v in changes.items() if k in STAGE1_OPTIONS}
+        if first_changes:
+            plan[first_half] = TrainingStage("generated", replace(stage1, **first_changes))
+        plan[name] = TrainingStage("generated", replace(stage2, **changes),
+                                   first_half if first_changes else "stage1-generated")
+    return plan
 
 
 def build_records(target: Path, recipe: TargetRecipe, work: Path, budget: DraftBudget) -> dict[str, Path]:
     """The three record sets of a target (resumable by shard; shards are fixed-size, so a changed
     `num_samples` needs a fresh `work`)."""
-    from vispec_vllm.training.data import (
-        generate_training_data,
-        reference_captions,
-        reference_data,
-        reference_texts,
-        scene_prompts,
-    )
+    from vispec_vllm.demo.prompts import reference_captions, reference_texts, scene_prompts
+    from vispec_vllm.training.data import generate_training_data, reference_data
 
-    records = {
-        "generated": generate_training_data(target, work / "records-generated",
-                                            scene_prompts(seed=0, scenes=recipe.scenes), budget.num_samples,
-                                            max_tokens=budget.max_tokens),
+    return {
+        "generated": generate_training_data(target, work / "records-generated", scene_prompts(scenes=recipe.scenes),
+                                            budget.num_samples, max_tokens=budget.max_tokens),
         "text": reference_data(target, work / "records-text", reference_texts(scenes=recipe.scenes),
                                budget.num_samples),
         "captions": reference_data(target, work / "records-captions", reference_captions(scenes=recipe.scenes),
                                    budget.num_samples),
     }
-    return records
 
 
-def build_records_apart(image_tokens: int, target: Path, work: Path) -> dict[str, Path]:
+def build_records_apart(recipe: TargetRecipe, target: Path, work: Path) -> dict[str, Path]:
     """`build_records` in a child process: once a vLLM CPU engine has run in a process, it has pinned
     that process's threads, and the drafts' one-thread training would then share them."""
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "vispec_vllm.demo.build", str(work), "--image-tokens", str(image_tokens),
+    subprocess.run([sys.executable, "-m", "vispec_vllm.demo.build", str(work), "--recipe", recipe.name,
                     "--target", str(target), "--records-only"], check=True)
-    return build_records(target, RECIPES[image_tokens], work, BUDGETS[image_tokens])  # all shards exist now
+    return build_records(target, recipe, work, budget_for(recipe))  # all shards exist now
 
 
-def _train_once(target: Path, data: Path, out: Path, cfg, init: Path | None = None) -> Path:
-    """Train one stage into `out` unless it finished before (a marker is written last)."""
+def train_once(target: Path, data: Path, out: Path, cfg, init: Path | None = None) -> Path:
+    """Train one run into `out` unless it finished before under the same config (a marker is
+    written last); a run finished under another config is an error, never silently reused."""
     from vispec_vllm.training.train import train_draft
 
-    if not (out / DONE_MARKER).exists():
-        train_draft(target, data, out, cfg, init_dir=init)
-        (out / DONE_MARKER).write_text("")
+    requested = json.loads(json.dumps(asdict(cfg)))
+    if (out / DONE_MARKER).exists():
+        trained_with = json.loads((out / TRAINING_CONFIG).read_text())
+        if trained_with != requested:
+            changed = sorted(k for k in requested.keys() | trained_with.keys()
+                             if requested.get(k) != trained_with.get(k))
+            raise RuntimeError(f"{out} was trained with another config ({', '.join(changed)} differ); "
+                               "remove it or use a fresh work directory")
+        return out
+    train_draft(target, data, out, cfg, init_dir=init)
+    (out / DONE_MARKER).write_text("")
     return out
 
 
 def train_drafts(target: Path, records: dict[str, Path], work: Path, seed: int, budget: DraftBudget,
                  kinds: tuple[str, ...] = DRAFT_KINDS) -> dict[str, Path]:
-    """The drafts of `kinds` for one training seed, under `work/seed-<seed>/`."""
-    from vispec_vllm.training.train import TrainConfig
-
-    stage1 = TrainConfig(stage=1, epochs=budget.epochs, lr=budget.stage1_lr, seed=seed)
-    stage2 = TrainConfig(stage=2, epochs=budget.epochs, lr=budget.stage2_lr, seed=seed)
-    # Each draft's second half, and the first half it starts from: name -> (records, config, start).
-    plan = {
-        "stage1-generated": ("generated", stage1, None),
-        "eagle": ("generated", stage1, "stage1-generated"),
-        "vispec": ("generated", stage2, "stage1-generated"),
-        "vispec-no-adaptor": ("generated", replace(stage2, zero_adaptor=True), "stage1-generated"),
-        **{name: ("generated", replace(stage2, **changes), "stage1-generated")
-           for name, changes in VISPEC_VARIANTS.items()},
-        "stage1-text": ("text", stage1, None),
-        "eagle-captions": ("captions", stage1, "stage1-text"),
-    }
+    """The drafts of `kinds` (draft kinds or variants) for one training seed, under `work/seed-<seed>/`."""
+    plan = draft_plan(budget, seed)
+    unknown = sorted(set(kinds) - set(DRAFT_KINDS) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown draft kinds {unknown}; expected some of {[*DRAFT_KINDS, *VARIANTS]}")
 
     def trained(name: str) -> Path:
-        data, cfg, start = plan[name]
-        init = trained(start) if start else None
-        return _train_once(target, records[data], draft_dir(work, seed, name), cfg, init)
+        stage = plan[name]
+        init = trained(stage.start) if stage.start else None
+        return train_once(target, records[stage.records], draft_dir(work, seed, name), stage.config, init)
 
     return {kind: trained(kind) for kind in kinds}
 
 
 def build_demo(out_dir: str | Path, recipe: TargetRecipe = LLAVA15_SCALE, target_minutes: float | None = None,
                seed: int = 0) -> dict[str, Path]:
-    """Train the target and the four drafts of one seed; export fp16 copies named as shipped."""
+    """Train the target and the shipped drafts of one seed; export fp16 copies named as shipped."""
     from vispec_vllm.demo.target import train_demo_target
 
     out_dir = Path(out_dir)
@@ -132,8 +209,8 @@ def build_demo(out_dir: str | Path, recipe: TargetRecipe = LLAVA15_SCALE, target
     # Records and drafts use the fp16 copy that ships, so drafts learn the target that is served.
     shipped = {"target": out_dir / recipe.name}
     export_fp16(trained_target, shipped["target"])
-    records = build_records_apart(recipe.num_image_tokens, shipped["target"], work)
-    drafts = train_drafts(shipped["target"], records, work, seed, BUDGETS[recipe.num_image_tokens])
+    records = build_records_apart(recipe, shipped["target"], work)
+    drafts = train_drafts(shipped["target"], records, work, seed, budget_for(recipe), SHIPPED_KINDS)
     for kind, trained in drafts.items():
         shipped[kind] = out_dir / f"{recipe.name}-{kind}"
         export_fp16(trained, shipped[kind])
@@ -153,38 +230,41 @@ def export_fp16(src: Path, dst: Path) -> None:
             shutil.copy(item, dst / item.name)
 
 
-# Per image-token regime: the draft budget (answers of the 36-token scenes are short).
-BUDGETS = {36: DraftBudget(max_tokens=160), 576: DraftBudget()}
-
-
 def draft_dir(work: Path, seed: int, kind: str) -> Path:
     """Where `train_drafts` puts draft `kind` of training seed `seed`."""
     return work / f"seed-{seed}" / kind
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m vispec_vllm.demo.build WORK --image-tokens N --seeds 0 1 2`: the records and the four
-    drafts of each seed for the shipped target of regime N (the regime experiment's training half)."""
-    import argparse
+def shipped_target(recipe: TargetRecipe) -> Path:
+    """Where a recipe's target ships (vispec_vllm/demo/models/<name>)."""
+    from vispec_vllm.demo.models import DEMO_DIR
 
-    from vispec_vllm.demo.models import DEMO_PAIRS
+    return DEMO_DIR / recipe.name
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vispec_vllm.demo.build WORK --recipe NAME --seeds 0 1 2`: the records and the drafts
+    of each seed for a target (the regime experiment's training half)."""
+    import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("work", type=Path)
-    parser.add_argument("--image-tokens", type=int, choices=sorted(DEMO_PAIRS), required=True)
+    parser.add_argument("--recipe", choices=sorted(RECIPES_BY_NAME), required=True, help="the target's recipe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--kinds", nargs="+", default=list(DRAFT_KINDS), choices=[*DRAFT_KINDS, *VISPEC_VARIANTS])
-    parser.add_argument("--target", type=Path, help="default: the shipped target of the regime")
+    parser.add_argument("--kinds", nargs="+", default=list(DRAFT_KINDS), choices=[*DRAFT_KINDS, *VARIANTS])
+    parser.add_argument("--target", type=Path, help="the target directory (default: where the recipe's target ships)")
     parser.add_argument("--records-only", action="store_true", help="stop after the records")
     args = parser.parse_args(argv)
-    target = args.target or DEMO_PAIRS[args.image_tokens][0]
-    budget = BUDGETS[args.image_tokens]
+    recipe = RECIPES_BY_NAME[args.recipe]
+    target = args.target or shipped_target(recipe)
+    if not (target / "config.json").is_file():
+        parser.error(f"no target at {target}; pass --target DIR")
     if args.records_only:
-        build_records(target, RECIPES[args.image_tokens], args.work, budget)
+        build_records(target, recipe, args.work, budget_for(recipe))
         return
-    records = build_records_apart(args.image_tokens, target, args.work)
+    records = build_records_apart(recipe, target, args.work)
     for seed in args.seeds:
-        train_drafts(target, records, args.work, seed, budget, tuple(args.kinds))
+        train_drafts(target, records, args.work, seed, budget_for(recipe), tuple(args.kinds))
 
 
 if __name__ == "__main__":

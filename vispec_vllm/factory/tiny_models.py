@@ -43,6 +43,7 @@ from vispec_vllm.factory.hf_targets import (
     seed_everything,
     to_llava_hf_layout,
 )
+from vispec_vllm.target_checkpoint import TargetCheckpoint
 
 TARGET_NAMES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl")
 VOCAB_SIZE = 512
@@ -230,16 +231,6 @@ def write_vispec_draft(
         torch.save(sd, out / bin_file)
 
 
-def _target_embed_tokens(target_dir: Path) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(target_dir / "model.safetensors", "pt") as f:
-        for key in f.keys():
-            if key.endswith("embed_tokens.weight") and "vision" not in key:
-                return f.get_tensor(key)
-    raise KeyError(f"no embed_tokens in {target_dir}")
-
-
 def write_tiny_models(
     out_dir: str | Path, seed: int = 0, num_q: int = 2, write_bin: bool = False
 ) -> dict[str, Path]:
@@ -253,7 +244,8 @@ def write_tiny_models(
         else:
             dims, family = build_tiny_llava(target_dir, seed, next_variant=name == "tiny-llava-next"), LLAMA
         draft_dir = out_dir / f"{name}-vispec"
-        write_vispec_draft(draft_dir, dims, family, _target_embed_tokens(target_dir), seed, num_q, write_bin)
+        embed_tokens = TargetCheckpoint.read(target_dir).input_embedding()
+        write_vispec_draft(draft_dir, dims, family, embed_tokens, seed, num_q, write_bin)
         written[name] = target_dir
         written[f"{name}-vispec"] = draft_dir
     return written

@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-# A prompt: chat messages whose image parts are {"type": "image_pil", "image_pil": PIL image}.
+from vispec_vllm.target_checkpoint import TargetCheckpoint
+
+# Sample i -> a prompt: chat messages whose image parts are {"type": "image_pil", "image_pil": PIL image}.
+# Whoever asks for records hands them over (the demo: vispec_vllm/demo/prompts.py); training knows no
+# prompt of its own.
 PromptFactory = Callable[[int], list[dict]]
 
 
@@ -77,10 +81,9 @@ class TargetRecorder:
 
         self.processor = AutoProcessor.from_pretrained(target_dir)
         self.model = AutoModelForImageTextToText.from_pretrained(target_dir, dtype=torch.float32).eval()
-        config = self.model.config
-        self.image_token_id = getattr(config, "image_token_index", None)
+        self.image_token_id = TargetCheckpoint.read(target_dir).image_token_id
         if self.image_token_id is None:
-            self.image_token_id = config.image_token_id
+            raise ValueError(f"{target_dir}: config.json names no image token (image_token_index / image_token_id)")
         self._captured: dict[str, torch.Tensor] = {}
         # The language model receives the merged input embeddings (image features scattered in).
         self.model.model.language_model.register_forward_pre_hook(self._capture_inputs_embeds, with_kwargs=True)
@@ -165,82 +168,14 @@ def prompts_from_conversations(conversations: Sequence[list[dict]]) -> PromptFac
     return lambda i: conversations[i % len(conversations)]
 
 
-def with_images(messages: list[dict], images: Sequence) -> list[dict]:
-    """Chat messages whose `{"type": "image"}` parts become vLLM `image_pil` parts, in order."""
-    remaining = iter(images)
-    return [
-        {**m, "content": [{"type": "image_pil", "image_pil": next(remaining)} if part == {"type": "image"} else part
-                          for part in m["content"]]} if isinstance(m["content"], list) else m
-        for m in messages
-    ]
-
-
-def _training_seed(seed: int, i: int) -> int:
-    """Training scene i of a data set, spread over the training range by a fixed stride from `seed`."""
-    from vispec_vllm.demo.scenes import HELD_OUT_START
-
-    return (seed * 7919 + i * 104729) % HELD_OUT_START
-
-
-def scene_prompt(scene_seed: int, scenes=None) -> list[dict]:
-    """The describe prompt for one synthetic scene, as vLLM chat messages."""
-    from vispec_vllm.demo import scenes as default_scenes
-
-    scenes = scenes or default_scenes
-    return with_images(scenes.describe_messages(), [scenes.make_scene(scene_seed).image])
-
-
-def scene_prompts(seed: int = 0, held_out: bool = False, scenes=None) -> PromptFactory:
-    """Sample i -> the prompt of training example i of a scene module (default
-    `vispec_vllm.demo.scenes`: a describe request; rich scenes also ask to compare two images), or
-    of held-out scene i."""
-    from vispec_vllm.demo import scenes as default_scenes
-
-    scenes = scenes or default_scenes
-
-    def prompt(i: int) -> list[dict]:
-        scene_seed = scenes.HELD_OUT_START + i if held_out else _training_seed(seed, i)
-        examples, messages = scenes.training_prompt(scene_seed)
-        return with_images(messages, [example.image for example in examples])
-
-    return prompt
-
-
 # A reference example: chat messages (prompt only) and the answer the target is teacher-forced on.
 ReferenceFactory = Callable[[int], tuple[list[dict], str]]
-
-TEXT_PROMPT = "Describe a picture of shapes."
-
-
-def reference_texts(seed: int = 0, scenes=None) -> ReferenceFactory:
-    """Sample i -> a text-only prompt and a training scene's reference description (no image): the
-    text stage of the `eagle-captions` baseline, as EAGLE drafts first learn on text conversations."""
-    from vispec_vllm.demo import scenes as default_scenes
-
-    scenes = scenes or default_scenes
-    return lambda i: ([{"role": "user", "content": TEXT_PROMPT}],
-                      scenes.make_scene(_training_seed(seed + 1, i)).description)
-
-
-def reference_captions(seed: int = 0, scenes=None) -> ReferenceFactory:
-    """Sample i -> a training scene's describe prompt with its image, and the scene generator's short
-    caption (the image-caption fine-tuning of the `eagle-captions` baseline)."""
-    from vispec_vllm.demo import scenes as default_scenes
-
-    scenes = scenes or default_scenes
-
-    def example(i: int) -> tuple[list[dict], str]:
-        scene = scenes.make_scene(_training_seed(seed + 2, i))
-        return with_images(scenes.describe_messages(), [scene.image]), scenes.caption(scene)
-
-    return example
 
 
 def reference_data(target_dir: str | Path, out_dir: str | Path, example_factory: ReferenceFactory,
                    num_samples: int, shard_size: int = 64) -> Path:
-    """Records of reference answers teacher-forced through the target (no generation): the answer
-    is written by the scene generator, not by the target. Same format and resumption as
-    `generate_training_data`."""
+    """Records of given reference answers teacher-forced through the target (no generation): the
+    answer is the example's, not the target's. Same format and resumption as `generate_training_data`."""
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = missing_shards(out_dir, num_samples, shard_size)

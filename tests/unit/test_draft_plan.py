@@ -1,0 +1,80 @@
+"""The drafts the regime experiment compares (vispec_vllm/demo/build.py) share one budget: the same
+number of optimiser steps, the same schedule shape and peak lr in every half (eagle-captions' caption
+fine-tune aside: at most 10% of the budget, at a lower lr); each ablation differs from its draft in
+its own flag only; a run finished under another config is refused; training imports no demo code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+
+from vispec_vllm.demo.build import DONE_MARKER, DRAFT_KINDS, VARIANTS, DraftBudget, draft_plan, train_once
+
+BUDGET = DraftBudget(num_samples=24, epochs=5)
+
+
+def chain(plan: dict, name: str) -> list:
+    """The runs of a draft, first half first."""
+    runs = []
+    while name is not None:
+        runs.insert(0, plan[name])
+        name = plan[name].start
+    return runs
+
+
+def config_changes(a, b) -> dict:
+    return {k: (v, asdict(b)[k]) for k, v in asdict(a).items() if asdict(b)[k] != v}
+
+
+def test_every_draft_takes_the_same_steps_on_the_same_schedule():
+    plan = draft_plan(BUDGET, seed=1)
+    for name in (*DRAFT_KINDS, *VARIANTS):
+        runs = chain(plan, name)
+        assert sum(run.config.steps for run in runs) == 2 * BUDGET.epochs * BUDGET.num_samples, name
+        assert {run.config.epochs for run in runs} == {BUDGET.epochs}, name
+        assert {run.config.seed for run in runs} == {1}, name
+        if name != "eagle-captions":
+            assert [run.config.steps for run in runs] == [BUDGET.half_steps] * 2, name
+            assert {run.config.lr for run in runs} == {BUDGET.lr}, name
+    # ViSpec's stage 2 runs at the peak lr of the competitors' second half.
+    assert plan["vispec"].config.lr == plan["eagle"].config.lr == plan["eagle-text"].config.lr
+    captions = chain(plan, "eagle-captions")
+    assert [run.records for run in captions] == ["text", "text", "captions"]
+    assert captions[-1].config.steps <= 0.1 * 2 * BUDGET.half_steps
+    assert captions[-1].config.lr < BUDGET.lr
+    assert all(run.records == "text" for run in chain(plan, "eagle-text"))
+
+
+def test_ablations_differ_from_their_draft_in_their_flag_only():
+    plan = draft_plan(BUDGET, seed=0)
+    assert config_changes(plan["vispec"].config, plan["vispec-no-adaptor"].config) == {"zero_adaptor": (False, True)}
+    assert config_changes(plan["vispec"].config, plan["vispec-keep"].config) == {"keep_image_rows": (False, True)}
+    assert plan["vispec-no-adaptor"].start == plan["vispec-keep"].start == plan["vispec"].start
+    for eagle_run, drop_run in zip(chain(plan, "eagle"), chain(plan, "eagle-drop"), strict=True):
+        assert eagle_run.records == drop_run.records == "generated"
+        assert config_changes(eagle_run.config, drop_run.config) == {"drop_image_rows": (False, True)}
+    vispec_bias = chain(plan, "vispec-bias")
+    for vispec_run, bias_run in zip(chain(plan, "vispec"), vispec_bias, strict=True):
+        assert config_changes(vispec_run.config, bias_run.config) == {"fc_bias": (False, True)}
+
+
+def test_a_run_finished_under_another_config_is_refused(tmp_path):
+    plan = draft_plan(BUDGET, seed=0)
+    out = tmp_path / "vispec"
+    out.mkdir()
+    (out / "training_config.json").write_text(json.dumps(asdict(plan["vispec-keep"].config)))
+    (out / DONE_MARKER).write_text("")
+    assert train_once(tmp_path, tmp_path, out, plan["vispec-keep"].config) == out  # same config: reused
+    with pytest.raises(RuntimeError, match="keep_image_rows"):
+        train_once(tmp_path, tmp_path, out, plan["vispec"].config)
+
+
+def test_training_imports_no_demo_code():
+    code = ("import sys, vispec_vllm.training.train, vispec_vllm.training.data; "
+            "print(sorted(m for m in sys.modules if m.startswith(('vispec_vllm.demo', 'vllm'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
