@@ -84,20 +84,10 @@ def describe_prompt(image_tokens: int = 36) -> str:
 
 def start_servers(stack: contextlib.ExitStack, setups: dict[str, tuple[list[str], dict[str, str]]], model: Path,
                   log_dir: Path, startup_timeout_s: float = 600.0) -> dict:
-    """`vllm serve` processes on 127.0.0.1 (vispec_vllm.demo.server), one per set-up name ->
-    (extra serve args, extra environment), launched side by side and then waited for. `stack`
-    stops each one by its own PID when it closes."""
-    from vispec_vllm.demo.server import VLLMServer
+    """`vllm serve` processes side by side, one per set-up (vispec_vllm.demo.server.start_side_by_side)."""
+    from vispec_vllm.demo.server import start_side_by_side
 
-    servers = {}
-    for name, (serve_args, env) in setups.items():
-        server = VLLMServer(model, serve_args, log_path=log_dir / f"{name}.log", startup_timeout_s=startup_timeout_s,
-                            env=env)
-        stack.callback(server.stop)
-        servers[name] = server.launch()
-    for server in servers.values():
-        server.wait_until_healthy()
-    return servers
+    return start_side_by_side(stack, setups, model, log_dir, startup_timeout_s=startup_timeout_s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ the draft config names the registered ViSpec architecture and carries the checkp
 `ViSpecDraftConfig` (vispec_vllm/checkpoint_format.py: num_q, head_dim, biases, the key-mask head
 size for this platform's attention backend, the unused tensors the loader skips) as one attribute.
 It then validates the checkpoint against the target, before any KV memory is taken.
-The draft runs eager (`enforce_eager`): its forward is capture-safe, but capture is unverified on GPU.
+The draft compiles, and on GPU is captured in CUDA graphs, wherever vLLM does so for its own EAGLE
+draft (vispec_vllm/draft_model.py); VISPEC_VLLM_EAGER_DRAFT=1 sets `enforce_eager` for the draft.
 It also turns on load-adaptive speculation (vLLM's `num_speculative_tokens_per_batch_size`)
 unless the user gave a table or set VISPEC_VLLM_ADAPTIVE=0: the table is derived from the cost
 model for the target's shapes on this platform (vispec_vllm/speculation_schedule.py), and the
@@ -86,10 +87,12 @@ def _make_post_init(original_post_init):
         self.method = "eagle"
         adaptive = (adaptive_enabled() and bool(self.num_speculative_tokens)
                     and self.num_speculative_tokens_per_batch_size is None)
-        # The draft's forward is capture-safe (it reads row buffers the proposer refills in
-        # place), but CUDA-graph capture of it has not been verified on a GPU yet: draft eagerly
-        # there, as on CPU, until it is (the proposer logs this once at start-up).
-        self.enforce_eager = True
+        from vispec_vllm.draft_model import eager_draft_forced
+
+        # Compiled and captured like vLLM's own EAGLE draft unless the user asks for eager drafting
+        # (the draft's forward reads row buffers the proposer refills in place: capture-safe).
+        if eager_draft_forced():
+            self.enforce_eager = True
         draft_config = checkpoint.vispec_draft_config(attention_head_sizes(), adaptive)
         compose = SpeculativeConfig.compose_draft_hf_overrides
 

@@ -44,7 +44,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     if args.stage == "data":
-        from vispec_vllm.training.data import generate_training_data, scene_prompts
+        from vispec_vllm.demo.prompts import scene_prompts
+        from vispec_vllm.training.data import generate_training_data
 
         out = generate_training_data(args.target, args.out, scene_prompts(args.seed), args.num_samples,
                                      max_tokens=args.max_tokens, shard_size=args.shard_size)

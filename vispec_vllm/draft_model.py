@@ -7,6 +7,17 @@ the next token x_{i+1}:
     compressed row  z_i = A[r]                                        adaptor output, bypasses fc
     dropped row     an image row other than the last num_q-1: its key is hidden from every query
 
+Both linear maps of a text row are affine, so the draft folds them once the weights are loaded
+(`fold_img_fc`): with fc = [F_e | F_f] and img_fc = [I_h | I_g] (+ biases b_fc, b_img),
+
+    z_i = [F_e | F_f I_h] [embed(x_{i+1}) ; h_i] + (b_fc + F_f b_img) + F_f I_g g
+
+which is an EAGLE draft's fc over [embed ; h] plus one per-image vector, the global image term
+F_f I_g g, computed when the image is compressed. A ViSpec step then costs what an EAGLE step
+costs, plus one add. It is the text-row fusion of docs/method.md §3.2 reassociated: equal in exact
+arithmetic, equal to float rounding otherwise (the recorded proposals of the three tiny families
+and both demo pairs did not change). The published weights and the checkpoint format are unchanged.
+
 Layer 0 has no input_layernorm, there is no final norm, and logits come from the target's lm_head
 (shared by vLLM's EAGLE loader). Positions are the raw 1-D token index for every target family.
 
@@ -18,18 +29,23 @@ backend, CPU included, while draft slots stay equal to target positions. The pad
 comes with the draft's `ViSpecDraftConfig` (vispec_vllm/checkpoint_format.py), which the draft
 reads once, as it reads num_q, head_dim, the biases and the tensors the loader skips.
 
-Which row is which reaches the draft through row buffers it owns (g, compressed token, compressed
-and dropped flags), which `ViSpecProposer` fills in place before every forward; the forward reads
-them without data-dependent branches, so it is safe to capture in a CUDA graph.
+Which row is which reaches the draft through row buffers it owns (global image term, compressed
+token, compressed and dropped flags), which `ViSpecProposer` fills in place before every forward.
+`ViSpecDraftBody.forward` takes them as inputs, with no data-dependent branch, and runs under
+vLLM's compilation as vLLM's own EAGLE draft does (`@support_torch_compile`, dynamic in the row
+count; captured in CUDA graphs wherever vLLM captures its EAGLE draft). VISPEC_VLLM_EAGER_DRAFT=1
+runs it eagerly instead.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
@@ -55,6 +71,12 @@ logger = init_logger(__name__)
 # Score penalty before scaling: times head_dim**-0.5 (>= 1/16 for head_dim <= 256) it is >= 625,
 # far past exp underflow in fp32, and it is exactly representable in fp16 and bf16 KV caches.
 KEY_MASK_VALUE = 1.0e4
+EAGER_DRAFT_ENV = "VISPEC_VLLM_EAGER_DRAFT"
+
+
+def eager_draft_forced() -> bool:
+    """VISPEC_VLLM_EAGER_DRAFT=1: no compilation and no CUDA graphs for the ViSpec draft."""
+    return os.environ.get(EAGER_DRAFT_ENV, "0") == "1"
 
 
 class ViSpecAttention(nn.Module):
@@ -118,10 +140,15 @@ class ViSpecDecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "hidden_states": 0, "inputs_embeds": 0, "global_image_term": 0,
+                      "compressed_token": 0, "is_compressed_row": 0, "is_dropped_row": 0},
+    enable_if=lambda _vllm_config: not eager_draft_forced())
 class ViSpecDraftBody(nn.Module):
-    """embed_tokens, fc, img_fc and layer 0: the names under `model.` in vLLM's EAGLE layout."""
+    """embed_tokens, fc, img_fc and layer 0 (the names under `model.` in vLLM's EAGLE layout), and
+    the compiled forward over one step's rows."""
 
-    def __init__(self, vllm_config: VllmConfig, config, vispec: ViSpecDraftConfig, prefix: str,
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", config, vispec: ViSpecDraftConfig,
                  start_layer_id: int) -> None:
         super().__init__()
         hidden, bias = config.hidden_size, vispec.has_bias
@@ -129,11 +156,23 @@ class ViSpecDraftBody(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, prefix=f"{prefix}.embed_tokens")
         self.fc = ReplicatedLinear(2 * hidden, hidden, bias=bias, params_dtype=dtype, return_bias=False,
                                    prefix=f"{prefix}.fc")
+        # Loaded as published, then folded into fc and the global image term (`fold_img_fc`).
         self.img_fc = ReplicatedLinear(2 * hidden, hidden, bias=bias, params_dtype=dtype, return_bias=False,
                                        prefix=f"{prefix}.img_fc")
         # The attention prefix must not collide with the target's layer names.
         self.layers = nn.ModuleList(
             [ViSpecDecoderLayer(vllm_config, config, vispec, prefix=f"{prefix}.layers.{start_layer_id}")])
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
+                inputs_embeds: torch.Tensor | None, global_image_term: torch.Tensor, compressed_token: torch.Tensor,
+                is_compressed_row: torch.Tensor, is_dropped_row: torch.Tensor) -> torch.Tensor:
+        # No data-dependent branch: every row takes the same ops, whatever the row buffers hold
+        # (a compiled or captured forward replays correctly after the buffers are refilled).
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        layer_input = self.fc(torch.cat((inputs_embeds, hidden_states), dim=-1)) + global_image_term
+        layer_input = torch.where(is_compressed_row[:, None], compressed_token, layer_input)
+        return self.layers[0](positions, layer_input, is_dropped_row)
 
 
 class ViSpecDraftModel(nn.Module, SupportsEagle):
@@ -157,7 +196,8 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         self.vispec_config = vispec
         self.hidden_size = config.hidden_size
         target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        self.model = ViSpecDraftBody(vllm_config, config, vispec, maybe_prefix(prefix, "model"), target_layers)
+        self.model = ViSpecDraftBody(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"), config=config,
+                                     vispec=vispec, start_layer_id=target_layers)
         self.imadpt = ViSpecVisionAdaptor(config.hidden_size, config.num_attention_heads, vispec.head_dim,
                                           vispec.num_q, vispec.qkv_bias)
         self.logits_processor = LogitsProcessor(config.vocab_size)
@@ -168,8 +208,12 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         # All zero (no image anywhere) until the proposer first fills them, and in dummy runs.
         max_rows = vllm_config.scheduler_config.max_num_batched_tokens
         dtype = vllm_config.model_config.dtype
-        # g fused into each row through img_fc (zero: no image before the row)
-        self.register_buffer("global_image_feature", torch.zeros(max_rows, self.hidden_size, dtype=dtype),
+        # what each row's global image feature g adds to its layer input, F_f I_g g (zero: no image
+        # before the row)
+        self.register_buffer("global_image_term", torch.zeros(max_rows, self.hidden_size, dtype=dtype),
+                             persistent=False)
+        # F_f I_g, set by `fold_img_fc`: g -> its global image term
+        self.register_buffer("global_image_projection", torch.zeros(self.hidden_size, self.hidden_size, dtype=dtype),
                              persistent=False)
         # the adaptor's compressed token that replaces a compressed row's layer input
         self.register_buffer("compressed_token", torch.zeros(max_rows, self.hidden_size, dtype=dtype),
@@ -183,33 +227,34 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         return self.vispec_config.num_q
 
     def compress_image(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(compressed tokens [num_q-1, H], global image feature [H]) for one image."""
+        """(compressed tokens [num_q-1, H], global image term [H]) for one image: the adaptor's
+        outputs, its last (the global image feature g) as it enters a text row, F_f I_g g."""
         adapted = self.imadpt(image_embeds.to(self.imadpt.q.dtype))
-        return adapted[:-1], adapted[-1]
+        return adapted[:-1], self.global_image_projection @ adapted[-1]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def clear_row_inputs(self, start: int = 0, end: int | None = None) -> None:
         """No image in rows [start, end): padding rows, and every row in dummy and profile runs."""
-        for buffer in (self.global_image_feature, self.compressed_token, self.is_compressed_row, self.is_dropped_row):
+        for buffer in (self.global_image_term, self.compressed_token, self.is_compressed_row, self.is_dropped_row):
             buffer[start:end].zero_()
 
-    def set_text_rows(self, global_image_feature: torch.Tensor) -> None:
-        """Rows [0, n) are text rows, row i fusing global_image_feature[i] ([n, H])."""
-        rows = global_image_feature.shape[0]
-        self.global_image_feature[:rows] = global_image_feature
+    def set_text_rows(self, global_image_term: torch.Tensor) -> None:
+        """Rows [0, n) are text rows, row i adding global_image_term[i] ([n, H])."""
+        rows = global_image_term.shape[0]
+        self.global_image_term[:rows] = global_image_term
         self.is_compressed_row[:rows].zero_()
         self.is_dropped_row[:rows].zero_()
 
-    def set_planned_rows(self, global_image_feature: torch.Tensor, is_dropped_row: torch.Tensor,
+    def set_planned_rows(self, global_image_term: torch.Tensor, is_dropped_row: torch.Tensor,
                          compressed_index: torch.Tensor, compressed_tokens: torch.Tensor) -> None:
-        """Rows [0, n) as a row plan says (vispec_vllm/row_plan.py): row i fuses global_image_feature[i]
+        """Rows [0, n) as a row plan says (vispec_vllm/row_plan.py): row i adds global_image_term[i]
         ([n, H]), is dropped where is_dropped_row[i], and holds compressed_tokens[compressed_index[i]]
         where compressed_index[i] >= 0. Flags and indices may sit on the CPU."""
-        rows = global_image_feature.shape[0]
+        rows = global_image_term.shape[0]
         device = self.compressed_token.device
-        self.global_image_feature[:rows] = global_image_feature
+        self.global_image_term[:rows] = global_image_term
         is_compressed = compressed_index >= 0
         self.is_compressed_row[:rows] = is_compressed.to(device)
         self.is_dropped_row[:rows] = is_dropped_row.to(device)
@@ -220,15 +265,9 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # No data-dependent branch: every row takes the same ops, whatever the row buffers hold
-        # (a CUDA graph of this forward replays correctly after the buffers are refilled).
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_input_ids(input_ids)
-        rows = inputs_embeds.shape[0]
-        fused_hidden = self.model.img_fc(torch.cat((hidden_states, self.global_image_feature[:rows]), dim=-1))
-        layer_input = self.model.fc(torch.cat((inputs_embeds, fused_hidden), dim=-1))
-        layer_input = torch.where(self.is_compressed_row[:rows, None], self.compressed_token[:rows], layer_input)
-        out = self.model.layers[0](positions, layer_input, self.is_dropped_row[:rows])
+        rows = hidden_states.shape[0]
+        out = self.model(input_ids, positions, hidden_states, inputs_embeds, self.global_image_term[:rows],
+                         self.compressed_token[:rows], self.is_compressed_row[:rows], self.is_dropped_row[:rows])
         return out, out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -240,6 +279,7 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         skip_unused = WeightsMapper(orig_to_new_regex={re.compile(f"^{re.escape(name)}$"): None
                                                        for name in self.vispec_config.ignored_weights})
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=skip_unused | self.hf_to_vllm_mapper)
+        self.fold_img_fc()
         for name in loaded:
             process_eagle_weight(self, name)  # notes an own embed_tokens, as vLLM's EAGLE drafts do
         if not self.has_own_embed_tokens:
@@ -247,3 +287,18 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
             logger.warning("ViSpec draft checkpoint has no embed_tokens; using the target's input embedding")
             loaded.add("model.embed_tokens.weight")
         return loaded
+
+    @torch.no_grad()
+    def fold_img_fc(self) -> None:
+        """Fold img_fc into fc and the global image projection (see the module docstring), in float32.
+        Afterwards img_fc holds zeros: the forward no longer reads it."""
+        fc, img_fc, hidden = self.model.fc, self.model.img_fc, self.hidden_size
+        fc_weight, img_weight = fc.weight.float(), img_fc.weight.float()
+        fused_half = fc_weight[:, hidden:]  # F_f
+        if fc.bias is not None:
+            fc.bias.copy_(fc.bias.float() + fused_half @ img_fc.bias.float())
+            img_fc.bias.zero_()
+        self.global_image_projection.copy_(fused_half @ img_weight[:, hidden:])
+        fc.weight[:, hidden:] = fused_half @ img_weight[:, :hidden]
+        img_fc.weight.zero_()
+

@@ -3,7 +3,7 @@
 Before each draft forward it fills the draft's row buffers (vispec_vllm/draft_model.py) in place:
 for the first pass over the step's rows from the row plan (vispec_vllm/row_plan.py: which rows
 are dropped image rows, which hold the adaptor's compressed tokens, which image's global feature
-g each row fuses), and for each step of the chain of one row per request from each request's
+g each row fuses, as its global image term), and for each step of the chain of one row per request from each request's
 decode g. vLLM's own EAGLE drafting then runs unchanged. Draft positions are the raw 1-D token
 index for every target (for M-RoPE targets this also avoids vLLM issue #54498).
 
@@ -24,11 +24,10 @@ import logging
 import numpy as np
 import torch
 from vllm.config import VllmConfig
-from vllm.platforms import current_platform
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from vispec_vllm.draft_model import ViSpecDraftModel
+from vispec_vllm.draft_model import EAGER_DRAFT_ENV, ViSpecDraftModel, eager_draft_forced
 from vispec_vllm.proposer_state import (
     CompressedImage,
     ViSpecProposerState,
@@ -51,9 +50,8 @@ class ViSpecProposer(EagleProposer):
                              "remove disable_padded_drafter_batch from the speculative config")
         self.state = ViSpecProposerState(image_state_capacity(vllm_config.scheduler_config.max_num_seqs),
                                          self.max_batch_size, self.hidden_size, self.dtype, device)
-        if not current_platform.is_cpu():
-            logger.info("vispec-vllm: the ViSpec draft runs eagerly (its forward is capture-safe, but CUDA-graph "
-                        "capture of it is not yet verified)")
+        if eager_draft_forced():
+            logger.info("vispec-vllm: the ViSpec draft runs eagerly (%s=1)", EAGER_DRAFT_ENV)
 
     @property
     def draft(self) -> ViSpecDraftModel:
@@ -89,7 +87,7 @@ class ViSpecProposer(EagleProposer):
                                              input_batch_size, block_size):
         # Before each chain step: one row per request (input-batch order) fusing its decode g, then
         # padding. The same every chain step of a propose(), rewritten so no hook hands on a flag.
-        self.draft.set_text_rows(self.state.decode_global_image_feature[:batch_size])
+        self.draft.set_text_rows(self.state.decode_global_image_term[:batch_size])
         self.draft.clear_row_inputs(batch_size, input_batch_size)
         return super()._update_positions_dependent_metadata(positions, common_attn_metadata, batch_size,
                                                             input_batch_size, block_size)
@@ -111,7 +109,7 @@ class ViSpecProposer(EagleProposer):
         num_rows = int(query_start_cpu[num_reqs])
         rows_per_request = (query_start[1:] - query_start[:-1]).long()
         row_request = torch.repeat_interleave(self.arange[:num_reqs].long(), rows_per_request, output_size=num_rows)
-        decode_g = state.decode_global_image_feature[row_request]
+        decode_g = state.decode_global_image_term[row_request]
         window_start = batch.num_computed_tokens_cpu[:num_reqs]
         planned = np.flatnonzero(window_start < state.settled_from[:num_reqs])
         if planned.size == 0:  # every request settled (always so on a decode step)
@@ -133,7 +131,7 @@ class ViSpecProposer(EagleProposer):
         # The chain rows of this step fuse the row after each window; past the last image that is
         # the request's decode g for good.
         following_g = g_table[following.to(self.device)]
-        state.decode_global_image_feature[torch.from_numpy(planned).to(self.device)] = following_g
+        state.decode_global_image_term[torch.from_numpy(planned).to(self.device)] = following_g
         window_end = window_start[planned] + rows_per_request_cpu.numpy()[planned]
         for j, i in enumerate(planned.tolist()):
             last_end_row = spans[i][-1].end_row if spans[i] else 0
@@ -155,5 +153,5 @@ class ViSpecProposer(EagleProposer):
         no_image = CompressedImage(torch.zeros(num_compressed, self.hidden_size, dtype=self.dtype, device=self.device),
                                    zero)
         tables = [found.get(k, no_image) for k in range(len(images))]
-        return (torch.stack([image.global_image_feature for image in tables] + [zero]),
+        return (torch.stack([image.global_image_term for image in tables] + [zero]),
                 torch.cat([image.compressed_tokens for image in tables] + [zero[None]]))

@@ -1,10 +1,11 @@
 """Everything the ViSpec proposer keeps from one engine step to the next (docs/method.md §6.3).
 
-- Per image hash, the adaptor's output for the image (its compressed tokens and its global image
-  feature g), least recently used first and bounded: later prefill chunks and prefix-cache hits,
-  where the encoder does not run again, still find it.
+- Per image hash, the adaptor's output for the image (its compressed tokens, and its global image
+  feature g as the draft adds it to a text row: the global image term, see
+  `ViSpecDraftModel.compress_image`), least recently used first and bounded: later prefill chunks
+  and prefix-cache hits, where the encoder does not run again, still find it.
 - Per running request that has images, once its rows lie past its last image's rows ("settled"),
-  the g every later row fuses; and, per row of vLLM's input batch, the position from which the
+  the g (term) every later row fuses; and, per row of vLLM's input batch, the position from which the
   row's request is settled and that g as one device tensor, so that a decode step needs no
   per-request Python work. Re-derived only when the batch's requests or their order change; a
   request's entry is freed when it leaves.
@@ -62,15 +63,15 @@ def request_image_spans(mm_features, request: int = 0) -> list[ImageSpan]:
 @dataclass
 class CompressedImage:
     compressed_tokens: torch.Tensor  # [num_q-1, H]
-    global_image_feature: torch.Tensor  # [H]
+    global_image_term: torch.Tensor  # [H]: g as it enters a text row
 
 
 @dataclass
 class SettledRequest:
-    """From token position `from_position` on, every row of the request fuses `global_image_feature`."""
+    """From token position `from_position` on, every row of the request fuses `global_image_term`."""
 
     from_position: int
-    global_image_feature: torch.Tensor  # [H]
+    global_image_term: torch.Tensor  # [H]
 
 
 class ViSpecProposerState:
@@ -92,7 +93,7 @@ class ViSpecProposerState:
         # the position from which the row's request is settled (0: no image; NOT_SETTLED) and its g.
         self.batch_req_ids: list[str] = []
         self.settled_from = np.full(max_batch_size, NOT_SETTLED, dtype=np.int64)
-        self.decode_global_image_feature = torch.zeros(max_batch_size, hidden_size, dtype=dtype, device=device)
+        self.decode_global_image_term = torch.zeros(max_batch_size, hidden_size, dtype=dtype, device=device)
 
     def remember(self, mm_hash: str, image: CompressedImage) -> None:
         self.images[mm_hash] = image
@@ -154,21 +155,21 @@ class ViSpecProposerState:
             del self.settled[req_id]
         num_rows = len(req_ids)
         self.settled_from[:num_rows] = NOT_SETTLED
-        self.decode_global_image_feature[:num_rows].zero_()
+        self.decode_global_image_term[:num_rows].zero_()
         settled_rows, features = [], []
         for row, req_id in enumerate(req_ids):
             entry = self.settled.get(req_id)
             if entry is not None:
                 self.settled_from[row] = entry.from_position
                 settled_rows.append(row)
-                features.append(entry.global_image_feature)
+                features.append(entry.global_image_term)
             elif not request_image_spans(requests[req_id].mm_features):
                 self.settled_from[row] = 0  # text only: every row fuses zero
         if settled_rows:
-            self.decode_global_image_feature[settled_rows] = torch.stack(features)
+            self.decode_global_image_term[settled_rows] = torch.stack(features)
 
-    def settle(self, row: int, req_id: str, from_position: int, global_image_feature: torch.Tensor) -> None:
-        self.settled[req_id] = SettledRequest(from_position, global_image_feature.clone())
+    def settle(self, row: int, req_id: str, from_position: int, global_image_term: torch.Tensor) -> None:
+        self.settled[req_id] = SettledRequest(from_position, global_image_term.clone())
         self.settled_from[row] = from_position
 
     def take_new_image_state_misses(self) -> int:
@@ -179,8 +180,8 @@ class ViSpecProposerState:
     def summary(self) -> str:
         images = len(self.images)
         tensor_bytes = sum(t.nbytes for image in self.images.values()
-                           for t in (image.compressed_tokens, image.global_image_feature))
-        tensor_bytes += sum(entry.global_image_feature.nbytes for entry in self.settled.values())
+                           for t in (image.compressed_tokens, image.global_image_term))
+        tensor_bytes += sum(entry.global_image_term.nbytes for entry in self.settled.values())
         return (f"ViSpec proposer state: {len(self.settled)} requests with image state, {images} cached images "
                 f"(capacity {self.capacity}), {2 * images + len(self.settled)} cached tensors "
                 f"({tensor_bytes / 2**20:.1f} MiB), {self.image_state_misses} image-state misses")

@@ -1,26 +1,33 @@
 """The draft's forward with its row buffers, against a straightforward recomputation (CPU, no engine).
 
-`ViSpecDraftModel.forward` and `ViSpecAttention.forward` run as written, on stand-ins for vLLM's
-layers (plain torch modules; the vLLM layers themselves are covered by the engine tests):
+`ViSpecDraftModel.forward`, `ViSpecDraftBody.forward`, `ViSpecDraftModel.fold_img_fc` and
+`ViSpecAttention.forward` run as written, on stand-ins for vLLM's layers (plain torch modules; the
+vLLM layers themselves are covered by the engine tests):
 
+- after `fold_img_fc`, a text row's layer input is the published fusion fc([e ; img_fc([h ; g])])
+  (to float32 rounding), with and without the fc/img_fc biases, g entering as its global image
+  term from `compress_image`;
 - the forward reads only the first `rows` entries of the buffers, puts compressed tokens in place
-  of compressed rows' layer inputs, fuses g through img_fc, and hands the dropped flags to the
-  layer; refilling the buffers in place changes the next call's result (nothing is cached);
+  of compressed rows' layer inputs, and hands the dropped flags to the layer; refilling the
+  buffers in place changes the next call's result (nothing is cached);
 - the key-mask channel removes dropped rows from attention exactly: every kept row's output
-  equals causal attention over the kept rows only.
+  equals causal attention over the kept rows only, and a dropped row gets zero weight.
 """
 
 from __future__ import annotations
 
+import copy
 from types import MethodType, SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vispec_vllm.draft_model import ViSpecAttention, ViSpecDraftModel
+from vispec_vllm.draft_model import ViSpecAttention, ViSpecDraftBody, ViSpecDraftModel
 
 HIDDEN, MAX_ROWS = 16, 12
+FOLD_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fold and published fusion differ by float32 rounding only
 
 
 class RecordingLayer(nn.Module):
@@ -29,22 +36,51 @@ class RecordingLayer(nn.Module):
         return layer_input * 2
 
 
-def stand_in_draft() -> SimpleNamespace:
+class StandInBody(nn.Module):
+    """ViSpecDraftBody's forward on plain torch layers."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.fc, self.img_fc = nn.Linear(2 * HIDDEN, HIDDEN, bias=bias), nn.Linear(2 * HIDDEN, HIDDEN, bias=bias)
+        self.layers, self.embed_tokens = nn.ModuleList([RecordingLayer()]), nn.Embedding(50, HIDDEN)
+
+    forward = ViSpecDraftBody.forward
+
+
+def stand_in_draft(bias: bool = True) -> tuple[SimpleNamespace, StandInBody]:
+    """(a folded stand-in draft, a copy of its body as published, before the fold)."""
     torch.manual_seed(0)
+    body = StandInBody(bias)
+    published = copy.deepcopy(body)
     draft = SimpleNamespace(
-        model=SimpleNamespace(fc=nn.Linear(2 * HIDDEN, HIDDEN), img_fc=nn.Linear(2 * HIDDEN, HIDDEN),
-                              layers=[RecordingLayer()], embed_tokens=nn.Embedding(50, HIDDEN)),
-        global_image_feature=torch.zeros(MAX_ROWS, HIDDEN), compressed_token=torch.zeros(MAX_ROWS, HIDDEN),
+        model=body, hidden_size=HIDDEN, imadpt=lambda embeds: embeds[:3],  # the adaptor: g is its third output
+        global_image_projection=torch.zeros(HIDDEN, HIDDEN), global_image_term=torch.zeros(MAX_ROWS, HIDDEN),
+        compressed_token=torch.zeros(MAX_ROWS, HIDDEN),
         is_compressed_row=torch.zeros(MAX_ROWS, dtype=torch.bool),
         is_dropped_row=torch.zeros(MAX_ROWS, dtype=torch.bool))
-    for method in ("embed_input_ids", "clear_row_inputs", "set_text_rows", "set_planned_rows"):
+    draft.imadpt.q = torch.zeros(1)  # compress_image casts the embeddings to the adaptor's dtype
+    for method in ("embed_input_ids", "clear_row_inputs", "set_text_rows", "set_planned_rows", "fold_img_fc",
+                   "compress_image"):
         setattr(draft, method, MethodType(getattr(ViSpecDraftModel, method), draft))
-    return draft
+    draft.fold_img_fc()
+    return draft, published
+
+
+def published_layer_input(published: StandInBody, input_ids: torch.Tensor, hidden: torch.Tensor,
+                          g: torch.Tensor) -> torch.Tensor:
+    """The paper's text-row fusion with the weights as published: fc([e ; img_fc([h ; g])])."""
+    fused = published.img_fc(torch.cat([hidden, g], -1))
+    return published.fc(torch.cat([published.embed_tokens(input_ids), fused], -1))
+
+
+def terms(draft: SimpleNamespace, g: torch.Tensor) -> torch.Tensor:
+    """Each row's g as `compress_image` hands it to the proposer (the adaptor's last output)."""
+    return torch.stack([draft.compress_image(torch.cat([torch.zeros(2, HIDDEN), row[None]]))[1] for row in g])
 
 
 def fill(draft, g: torch.Tensor, tokens: torch.Tensor, compressed: list[int], dropped: list[int]) -> None:
     rows = g.shape[0]
-    draft.global_image_feature[:rows] = g
+    draft.global_image_term[:rows] = terms(draft, g)
     draft.compressed_token[:rows] = tokens
     draft.is_compressed_row.zero_()
     draft.is_compressed_row[compressed] = True
@@ -53,61 +89,71 @@ def fill(draft, g: torch.Tensor, tokens: torch.Tensor, compressed: list[int], dr
 
 
 @torch.no_grad()
-def test_forward_reads_the_row_buffers():
-    draft = stand_in_draft()
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_reads_the_row_buffers(bias):
+    draft, published = stand_in_draft(bias)
     rows = 7
     input_ids, positions, hidden = torch.randint(0, 50, (rows,)), torch.arange(rows), torch.randn(rows, HIDDEN)
-    # Stale content past `rows` must not matter.
-    draft.global_image_feature[rows:] = 99.0
-    draft.is_compressed_row[rows:] = True
     for seed in (1, 2):  # refilled in place between calls, as the proposer does every step
         torch.manual_seed(seed)
         g, tokens = torch.randn(rows, HIDDEN), torch.randn(rows, HIDDEN)
         compressed, dropped = ([3], [1, 2]) if seed == 1 else ([2], [0])
         fill(draft, g, tokens, compressed, dropped)
-        draft.global_image_feature[rows:] = 99.0
+        # Stale content past `rows` must not matter.
+        draft.global_image_term[rows:] = 99.0
+        draft.is_compressed_row[rows:] = True
         out, out_again = ViSpecDraftModel.forward(draft, input_ids, positions, hidden)
 
-        fc, img_fc = draft.model.fc, draft.model.img_fc
-        expected = fc(torch.cat([draft.model.embed_tokens(input_ids), img_fc(torch.cat([hidden, g], -1))], -1))
+        expected = published_layer_input(published, input_ids, hidden, g)
         expected[compressed] = tokens[compressed]
         seen_positions, seen_input, seen_dropped = draft.model.layers[0].seen
-        torch.testing.assert_close(seen_input, expected, rtol=0, atol=0)
+        torch.testing.assert_close(seen_input, expected, **FOLD_TOLERANCE)
+        assert torch.equal(seen_input[compressed], tokens[compressed])  # compressed rows bypass fc exactly
         assert seen_dropped.tolist() == [i in dropped for i in range(rows)]
         assert torch.equal(seen_positions, positions)
-        torch.testing.assert_close(out, expected * 2, rtol=0, atol=0)
+        assert torch.equal(out, seen_input * 2)
         assert out_again is out
 
 
 @torch.no_grad()
+def test_img_fc_is_folded_away():
+    """After the fold the forward reads fc alone: img_fc holds zeros, and g reaches a row only
+    through the global image projection (zero g, zero term)."""
+    draft, published = stand_in_draft()
+    assert not draft.model.img_fc.weight.any() and not draft.model.img_fc.bias.any()
+    assert not draft.compress_image(torch.zeros(3, HIDDEN))[1].any()
+    torch.testing.assert_close(draft.global_image_projection,
+                               published.fc.weight[:, HIDDEN:] @ published.img_fc.weight[:, HIDDEN:], rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_cleared_buffers_mean_no_image():
-    draft = stand_in_draft()
+    draft, published = stand_in_draft()
     rows = 5
     fill(draft, torch.randn(rows, HIDDEN), torch.randn(rows, HIDDEN), [1], [0])
     draft.clear_row_inputs()
     input_ids, hidden = torch.randint(0, 50, (rows,)), torch.randn(rows, HIDDEN)
     ViSpecDraftModel.forward(draft, input_ids, torch.arange(rows), hidden)
-    fc, img_fc = draft.model.fc, draft.model.img_fc
-    no_image = fc(torch.cat([draft.model.embed_tokens(input_ids), img_fc(torch.cat([hidden, hidden * 0], -1))], -1))
+    no_image = published_layer_input(published, input_ids, hidden, hidden * 0)
     _, seen_input, seen_dropped = draft.model.layers[0].seen
-    torch.testing.assert_close(seen_input, no_image, rtol=0, atol=0)
+    torch.testing.assert_close(seen_input, no_image, **FOLD_TOLERANCE)
     assert not seen_dropped.any()
 
 
 @torch.no_grad()
 def test_row_setters_fill_the_buffers_the_forward_reads():
-    draft = stand_in_draft()
+    draft, _ = stand_in_draft()
     g, tokens = torch.randn(5, HIDDEN), torch.randn(4, HIDDEN)  # compressed-token table, as a row plan indexes it
     draft.set_planned_rows(g, torch.tensor([True, True, False, False, False]), torch.tensor([-1, -1, 3, 0, -1]),
                            tokens)
-    assert torch.equal(draft.global_image_feature[:5], g)
+    assert torch.equal(draft.global_image_term[:5], g)
     assert draft.is_dropped_row.tolist()[:5] == [True, True, False, False, False]
     assert draft.is_compressed_row.tolist()[:5] == [False, False, True, True, False]
     assert torch.equal(draft.compressed_token[2], tokens[3]) and torch.equal(draft.compressed_token[3], tokens[0])
-    # The chain's rows: text rows fusing the given g; the rows past them are padding, cleared apart.
+    # The chain's rows: text rows adding the given terms; the rows past them are padding, cleared apart.
     draft.set_text_rows(g[3:5])
     draft.clear_row_inputs(2, MAX_ROWS)
-    assert torch.equal(draft.global_image_feature[:2], g[3:5]) and not draft.global_image_feature[2:].any()
+    assert torch.equal(draft.global_image_term[:2], g[3:5]) and not draft.global_image_term[2:].any()
     assert not draft.is_dropped_row.any() and not draft.is_compressed_row.any()
     assert not draft.compressed_token[2:].any()
 
@@ -153,3 +199,25 @@ def test_key_mask_channel_removes_dropped_rows_exactly():
     plain = ViSpecAttention.forward(attention, torch.arange(rows), x, torch.zeros(rows, dtype=torch.bool))
     causal = scores.masked_fill(~torch.ones(rows, rows, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     torch.testing.assert_close(plain, o_proj((causal @ v).transpose(0, 1).reshape(rows, -1)), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_dropped_rows_get_zero_attention_weight():
+    """The weights the padded query and key give, row by row: exactly zero on every dropped key, and
+    on the kept keys a direct softmax over the kept keys alone (the weights they had before)."""
+    num_heads, head_dim, padded = 2, 8, 16
+    attention = stand_in_attention(num_heads, head_dim, padded)
+    rows = 9
+    dropped = torch.zeros(rows, dtype=torch.bool)
+    dropped[[1, 2, 3, 6]] = True
+    q, k = torch.randn(rows, num_heads * head_dim), torch.randn(rows, num_heads * head_dim)
+    padded_q = attention._pad(q, q.new_ones(rows)).view(rows, num_heads, padded).transpose(0, 1)
+    padded_k = attention._pad(k, dropped.float() * -1.0e4).view(rows, num_heads, padded).transpose(0, 1)
+    causal = torch.ones(rows, rows, dtype=torch.bool).tril()
+    weights = ((padded_q @ padded_k.transpose(-1, -2)) * head_dim**-0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+
+    assert torch.equal(weights[..., dropped], torch.zeros_like(weights[..., dropped]))
+    plain_q, plain_k = (t.view(rows, num_heads, head_dim).transpose(0, 1) for t in (q, k))
+    kept_scores = ((plain_q @ plain_k.transpose(-1, -2)) * head_dim**-0.5).masked_fill(~causal | dropped[None, :],
+                                                                                      float("-inf"))
+    torch.testing.assert_close(weights[..., ~dropped], kept_scores.softmax(-1)[..., ~dropped], rtol=1e-6, atol=1e-7)

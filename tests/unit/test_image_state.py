@@ -52,7 +52,7 @@ def test_least_recently_used_image_is_evicted():
     assert images.lookup("b") is None
     images.remember("d", image(4))
     assert list(images.images) == ["c", "d"]
-    assert float(images.lookup("c").global_image_feature[0]) == 3.0
+    assert float(images.lookup("c").global_image_term[0]) == 3.0
 
 
 def test_state_line_counts_tensors_and_misses():
@@ -83,8 +83,8 @@ def test_compressed_images_come_from_the_state_or_the_encoder_cache():
     found = images.compressed_images({0: "cached", 1: "encoded", 2: "gone", 3: "encoded", 4: "gone"},
                                      encoder_cache, compress)
     assert sorted(found) == [0, 1, 3] and found[1] is found[3]
-    assert float(found[0].global_image_feature[0]) == 1.0  # the state's, not the encoder cache's
-    assert float(found[1].global_image_feature[0]) == 1.0 and len(compressed) == 1  # compressed once
+    assert float(found[0].global_image_term[0]) == 1.0  # the state's, not the encoder cache's
+    assert float(found[1].global_image_term[0]) == 1.0 and len(compressed) == 1  # compressed once
     assert images.lookup("encoded") is found[1]  # kept for later chunks and prefix-cache hits
     assert images.image_state_misses == 1  # one missing image, asked for twice in the step
     images.compressed_images({0: "gone"}, encoder_cache, compress)
@@ -103,8 +103,8 @@ def test_batch_rows_follow_the_input_batch():
     # The batch reorders (vLLM's condense / swap): r3 moves to row 0 and keeps its g.
     rows.sync_batch(["r3", "r1"], requests)
     assert rows.settled_from[:2].tolist() == [6, NOT_SETTLED]
-    assert torch.equal(rows.decode_global_image_feature[0], torch.full((HIDDEN,), 7.0))
-    assert not rows.decode_global_image_feature[1].any()
+    assert torch.equal(rows.decode_global_image_term[0], torch.full((HIDDEN,), 7.0))
+    assert not rows.decode_global_image_term[1].any()
     # r3 leaves: its state is freed at the next change of the batch.
     del requests["r3"]
     rows.sync_batch(["r1"], requests)
