@@ -89,12 +89,16 @@ that defines the attribute, or the owner for one inherited from `object`), then 
   process    engine core
   symbol     vllm.v1.core.sched.scheduler.Scheduler.__init__
   symbol     vllm.v1.core.sched.scheduler.Scheduler.make_spec_decoding_stats
-  why        re-derive the batch-size -> K table from the measured acceptance curve
-  relies on  Scheduler.dynamic_sd_lookup, .num_spec_tokens, .scheduler_config;
+  symbol     vllm.v1.core.sched.scheduler.Scheduler.schedule
+  why        re-derive the batch-size -> K table from the measured acceptance curve; time each
+             step and set the running batch size's K from the measured step times
+  relies on  Scheduler.dynamic_sd_lookup (a list indexed by batch size, read in schedule()),
+             .running, .num_spec_tokens, .scheduler_config; SchedulerOutput.num_scheduled_tokens,
+             .scheduled_new_reqs, .scheduled_spec_decode_tokens, .num_spec_tokens_to_schedule;
              v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup
   upstream   dynamic K by batch size is PR #32374 (merged; a fixed user table); RFC #48627 (open)
-             extends the table; no acceptance feedback upstream known
-  can go     when vLLM adapts num_speculative_tokens_per_batch_size to measured acceptance
+             extends the table; no acceptance or step-time feedback upstream known
+  can go     when vLLM adapts num_speculative_tokens_per_batch_size to measured acceptance and step times
 
   unit       patches/image_state_metrics.py
   process    engine core, API server; its worker part is applied by eagle_proposer, not on plugin load

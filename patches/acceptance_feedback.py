@@ -1,12 +1,16 @@
-"""Patch: keep the load-adaptive schedule in step with the draft's measured acceptance.
+"""Patch: keep the load-adaptive schedule in step with the draft's measured acceptance and with
+the measured step times.
 
-vLLM functions: `vllm.v1.core.sched.scheduler.Scheduler.__init__` and
-`Scheduler.make_spec_decoding_stats` (vLLM 0.32.0), in the engine-core process. Why: the schedule
-installed at start-up (patches/speculative_config.py) rests on an assumed acceptance rate; the
-scheduler sees every verified draft (make_spec_decoding_stats is called once per request with
-drafts, whether or not stats are logged). This wrapper feeds each one to the scheduler's
-`vispec_adaptive_schedule` (vispec_vllm/speculation_schedule.py) and, when that re-derives the
-table from the measured acceptance curve, swaps the scheduler's dense batch-size -> K lookup.
+vLLM functions: `vllm.v1.core.sched.scheduler.Scheduler.__init__`,
+`Scheduler.make_spec_decoding_stats` and `Scheduler.schedule` (vLLM 0.32.0), in the engine-core
+process. Why: the schedule installed at start-up (patches/speculative_config.py) rests on an
+assumed acceptance rate and on the cost model's step times. The scheduler sees every verified
+draft (make_spec_decoding_stats is called once per request with drafts, whether or not stats are
+logged): this wrapper feeds each one to the scheduler's `vispec_adaptive_schedule`
+(vispec_vllm/speculation_schedule.py) and, when that re-derives the table from the measured
+acceptance curve, swaps the scheduler's dense batch-size -> K lookup. And it times every step
+(the interval between two `schedule` calls): before each step, the lookup's entry for the running
+batch size is set to the K that the measured step times favour (`AdaptiveSchedule.step_k`).
 On CUDA, vLLM sized its graph captures from the start-up table; a batch whose new K has no
 captured size runs that step without a graph.
 Guard: only schedulers whose draft config says `ViSpecDraftConfig.adaptive_schedule` (set by the
@@ -16,6 +20,7 @@ speculative-config patch when it installed its own table; a user's table is left
 from __future__ import annotations
 
 import logging
+import time
 
 from vispec_vllm.patches._wrap import wrap
 
@@ -72,8 +77,41 @@ def _make_make_spec_decoding_stats(original_make_spec_decoding_stats):
     return make_spec_decoding_stats
 
 
+def _decode_only(scheduler_output) -> bool:
+    """Every scheduled request runs exactly its pending verified tokens: no prefill, no new request."""
+    spec_tokens, scheduled = scheduler_output.scheduled_spec_decode_tokens, scheduler_output.num_scheduled_tokens
+    return not scheduler_output.scheduled_new_reqs and all(
+        count == 1 + len(spec_tokens.get(req_id, ())) for req_id, count in scheduled.items())
+
+
+def _make_schedule(original_schedule):
+    from vispec_vllm.speculation_schedule import ScheduledStep
+
+    def schedule(self, *args, **kwargs):
+        adaptive = getattr(self, "vispec_adaptive_schedule", None)
+        if adaptive is None:
+            return original_schedule(self, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            batch = len(self.running)
+            if 0 < batch < len(self.dynamic_sd_lookup):
+                self.dynamic_sd_lookup[batch] = adaptive.step_k(batch)
+        except Exception:
+            logger.exception("vispec-vllm: step-time feedback failed; keeping the current schedule")
+            self.vispec_adaptive_schedule = adaptive = None
+        output = original_schedule(self, *args, **kwargs)
+        if adaptive is not None and output.num_scheduled_tokens:
+            adaptive.online.step_scheduled(ScheduledStep(
+                started, len(output.num_scheduled_tokens), output.num_spec_tokens_to_schedule,
+                frozenset(output.num_scheduled_tokens), _decode_only(output)))
+        return output
+
+    return schedule
+
+
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     wrap(Scheduler, "__init__", _make_init)
     wrap(Scheduler, "make_spec_decoding_stats", _make_make_spec_decoding_stats)
+    wrap(Scheduler, "schedule", _make_schedule)

@@ -89,6 +89,7 @@ def scheduler_of(llm):
 
 def test_draft_tokens_follow_the_derived_schedule(tiny_models, baseline, costly_tokens, monkeypatch):
     monkeypatch.setattr(speculation_schedule, "REDERIVE_EVERY", 10**9)  # the start-up table only
+    monkeypatch.setattr(speculation_schedule, "FIRST_PROBE_INTERVAL", 10**9)  # and no K tried beside it
     llm = vispec_llm(tiny_models)
     try:
         schedule = installed_schedule(llm)
@@ -112,6 +113,7 @@ def test_draft_tokens_follow_the_derived_schedule(tiny_models, baseline, costly_
 
 def test_measured_acceptance_reshapes_the_schedule(tiny_models, baseline, costly_tokens, monkeypatch):
     monkeypatch.setattr(speculation_schedule, "MIN_REDERIVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(speculation_schedule, "FIRST_PROBE_INTERVAL", 10**9)  # the table's K at every step
     llm = vispec_llm(tiny_models)
     try:
         adaptive = scheduler_of(llm).vispec_adaptive_schedule
@@ -139,6 +141,8 @@ def test_measured_acceptance_reshapes_the_schedule(tiny_models, baseline, costly
         assert adaptive.derived_from(1) < 1 + float(ASSUMED_RATE)
         assert adaptive.schedule == adaptive.derive(adaptive.derived_from)
         assert all(lookup[batch] == k_for(adaptive.schedule, batch) for batch in range(1, 41))
+        # Steady decode steps were timed, at the batch size that ran (for the step-time learner).
+        assert {bucket for bucket, _ in adaptive.online.times.samples} == {8}
     finally:
         shutdown_llm(llm)
 

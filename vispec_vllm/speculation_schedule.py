@@ -19,7 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vispec_vllm.cost_model import H100, H200, THIS_CPU, AcceptanceCurve, Hardware, LanguageModelShape, derive_schedule
+from vispec_vllm.cost_model import (
+    H100,
+    H200,
+    THIS_CPU,
+    AcceptanceCurve,
+    Hardware,
+    LanguageModelShape,
+    derive_schedule,
+    step_time,
+)
 
 ADAPTIVE_ENV = "VISPEC_VLLM_ADAPTIVE"
 ACCEPTANCE_RATE_ENV = "VISPEC_VLLM_ACCEPTANCE_RATE"
@@ -82,10 +91,25 @@ class AdaptiveSchedule:
     # The table in force and the acceptance curve it was derived from.
     schedule: Schedule = field(default_factory=list)
     derived_from: AcceptanceCurve | None = None
+    # K per step from measured step times (the table above is its starting point).
+    online: OnlineSchedule | None = None
 
     def __post_init__(self) -> None:
         self.drafted = self.drafted or [0] * self.max_k
         self.accepted = self.accepted or [0] * self.max_k
+        if self.online is None:
+            self.online = OnlineSchedule(self.max_k, self.predicted_step_seconds)
+
+    def predicted_step_seconds(self, batch: int, k: int) -> float:
+        return step_time(self.hardware, self.target, batch, k, self.context)
+
+    def step_k(self, batch: int) -> int:
+        """K for the step about to be scheduled at this batch size: the table's until steps at this
+        batch size have been timed, then what the measured step times favour (see OnlineSchedule)."""
+        if self.derived_from is None:
+            self.initial()
+        table_k = next(k for first, last, k in self.schedule if first <= batch <= last)
+        return self.online.step_k(batch, self.derived_from, default_k=table_k)
 
     @classmethod
     def for_target(cls, max_k: int, target_text_config, max_model_len: int, max_num_seqs: int = 1024,
@@ -105,8 +129,11 @@ class AdaptiveSchedule:
         self.schedule, self.derived_from = self.derive(acceptance), acceptance
         return self.schedule
 
+    def initial_acceptance(self) -> AcceptanceCurve:
+        return AcceptanceCurve.geometric(assumed_acceptance_rate(), max_k=self.max_k)
+
     def initial(self) -> Schedule:
-        return self._adopt(AcceptanceCurve.geometric(assumed_acceptance_rate(), max_k=self.max_k))
+        return self._adopt(self.initial_acceptance())
 
     def measured_acceptance(self) -> AcceptanceCurve | None:
         """Mean acceptance length at K = 1..n, n the deepest position drafted REDERIVE_EVERY times."""
@@ -162,6 +189,7 @@ PROBE_STEPS = 8  # steps of one probe; its first is a transition (verifies the p
 FIRST_PROBE_INTERVAL = 64  # steps in a bucket between probes; doubles up to MAX_PROBE_INTERVAL
 MAX_PROBE_INTERVAL = 512
 SWITCH_MARGIN = 0.01  # a new K must promise this much more tokens/s than the K in force
+REFIT_EVERY = 8  # new steady samples in a bucket before its K is chosen again
 
 
 def batch_bucket(batch: int) -> int:
@@ -235,6 +263,17 @@ class MeasuredStepTimes:
                 for k, seconds in enumerate(self.step_seconds(batch, max_k, predicted))]
 
 
+@dataclass(frozen=True)
+class ScheduledStep:
+    """What the scheduler scheduled at `started` (time.perf_counter seconds)."""
+
+    started: float
+    batch: int  # requests scheduled
+    k: int  # draft tokens each proposes at the end of the step
+    request_ids: frozenset[str]
+    decode_only: bool  # every request scheduled exactly its verified tokens (no prefill, no new request)
+
+
 @dataclass
 class _BucketProbes:
     """When a bucket next tries another K, and which."""
@@ -260,24 +299,50 @@ class OnlineSchedule:
     times: MeasuredStepTimes = field(default_factory=MeasuredStepTimes)
     probes: dict[int, _BucketProbes] = field(default_factory=dict)
     chosen: dict[int, int] = field(default_factory=dict)  # the K in force per bucket
+    # Per bucket: (steady samples, acceptance curve) when its K was last chosen; the choice is
+    # re-derived after REFIT_EVERY new samples or a new curve (not on every step: a fit costs ~0.1 ms).
+    chosen_at: dict[int, tuple[int, AcceptanceCurve]] = field(default_factory=dict)
+    # The last two steps scheduled, for timing the last one once the next is scheduled.
+    recent_steps: list[ScheduledStep] = field(default_factory=list)
 
     def record_step(self, batch: int, k: int, seconds: float) -> None:
         self.times.observe(batch, k, seconds)
 
-    def best_k(self, batch: int, acceptance: AcceptanceCurve) -> int:
-        """The K with the most expected tokens/s; the K in force unless another beats it by SWITCH_MARGIN."""
+    def step_scheduled(self, step: ScheduledStep) -> None:
+        """Called as each step is scheduled; times the step before it when that one was steady: a
+        decode-only step of the same requests as the steps on both sides of it (nothing arrived or
+        left, so no idle wait sits in the interval), verifying drafts of its own K."""
+        if len(self.recent_steps) == 2:
+            before, last = self.recent_steps
+            if last.decode_only and before.k == last.k and before.request_ids == last.request_ids == step.request_ids:
+                self.record_step(last.batch, last.k, step.started - last.started)
+        self.recent_steps = [*self.recent_steps[-1:], step]
+
+    def best_k(self, batch: int, acceptance: AcceptanceCurve, default_k: int | None = None) -> int:
+        """The K with the most expected tokens/s; the K in force unless another beats it by SWITCH_MARGIN.
+        Where given, `default_k` (the start-up table's K) stands until two K's of the bucket are measured."""
+        bucket = batch_bucket(batch)
+        if default_k is not None and len(self.times.measured(batch, self.max_k)) < 2:
+            self.chosen[bucket] = default_k
+            return default_k
+        samples = sum(n for (b, _), n in self.times.samples.items() if b == bucket)
+        current = self.chosen.get(bucket)
+        if current is not None and bucket in self.chosen_at:
+            then, curve = self.chosen_at[bucket]
+            if curve is acceptance and samples - then < REFIT_EVERY:
+                return current
+        self.chosen_at[bucket] = (samples, acceptance)
         rates = self.times.tokens_per_second(batch, self.max_k, acceptance, self.predicted)
         best = max(range(self.max_k + 1), key=lambda k: (rates[k], -k))
-        current = self.chosen.get(batch_bucket(batch))
         if current is not None and rates[best] <= (1 + SWITCH_MARGIN) * rates[current]:
             best = current
-        self.chosen[batch_bucket(batch)] = best
+        self.chosen[bucket] = best
         return best
 
-    def step_k(self, batch: int, acceptance: AcceptanceCurve) -> int:
-        """K for the next step at this batch size: the best, or a probe's K while one runs."""
+    def step_k(self, batch: int, acceptance: AcceptanceCurve, default_k: int | None = None) -> int:
+        """K for the next step at this batch size: the best (see best_k), or a probe's K while one runs."""
         probes = self.probes.setdefault(batch_bucket(batch), _BucketProbes())
-        best = self.best_k(batch, acceptance)
+        best = self.best_k(batch, acceptance, default_k)
         if probes.probe_steps_left:
             probes.probe_steps_left -= 1
             if probes.probe_steps_left == 0:  # probe over: back off if it confirmed the choice

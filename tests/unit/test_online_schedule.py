@@ -113,3 +113,26 @@ def test_fit_recovers_the_step_time_law_from_three_measured_ks():
 
 def test_buckets():
     assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65)] == [1, 2, 3, 4, 8, 8, 16, 16, 32, 64, 128]
+
+
+def test_only_steady_decode_steps_are_timed():
+    """A step is timed by the next schedule call, and only when it is a decode-only step of the same
+    requests as the steps on both sides (no arrival, departure or idle wait in the interval) and
+    verifies drafts of its own K."""
+    from vispec_vllm.speculation_schedule import ScheduledStep
+
+    schedule = OnlineSchedule(MAX_K, drafting_pays_everywhere)
+    ab, abc = frozenset("ab"), frozenset("abc")
+    steps = [  # (started, batch, k, requests, decode only)
+        (0.00, 2, 3, ab, False),  # a prefill step
+        (0.01, 2, 3, ab, True),   # verifies the K=3 drafts proposed at the end of the prefill step
+        (0.02, 2, 3, ab, True),   # times the step at 0.01: 0.01 s
+        (0.04, 2, 2, ab, True),   # times the step at 0.02: 0.02 s
+        (0.05, 2, 2, ab, True),   # not timed: the step at 0.04 verified K=3 drafts with K=2 after it
+        (0.07, 3, 2, abc, False),  # a request arrived: the step at 0.05 is not timed
+        (0.08, 3, 2, abc, True),  # not timed: the step at 0.07 was a prefill step
+    ]
+    for started, batch, k, requests, decode_only in steps:
+        schedule.step_scheduled(ScheduledStep(started, batch, k, requests, decode_only))
+    assert schedule.times.samples == {(2, 3): 2}
+    assert schedule.times.seconds[(2, 3)] == pytest.approx((0.01 + 0.02) / 2)
