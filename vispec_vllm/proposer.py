@@ -20,6 +20,7 @@ in `self.state` (vispec_vllm/proposer_state.py).
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -72,12 +73,27 @@ class ViSpecProposer(EagleProposer):
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
+        # Timed on decode steps only (no request past K + 1 query rows): a prefill's first pass runs
+        # over the whole prompt and is not what one drafted token costs.
+        timing = self.state.draft_timing
+        if timing is not None and common_attn_metadata.max_query_len > num_speculative_tokens + 1:
+            timing = None
+        if timing is not None:
+            started = self._synchronized_clock()
         # The first pass's rows are this step's query rows (vLLM's default EAGLE path keeps them).
         self._fill_first_pass_rows(common_attn_metadata)
-        return super().propose(
+        drafts = super().propose(
             num_speculative_tokens, target_token_ids, target_positions, target_hidden_states, next_token_ids,
             token_indices_to_sample, common_attn_metadata, sampling_metadata, mm_embed_inputs=mm_embed_inputs,
             num_rejected_tokens_gpu=num_rejected_tokens_gpu, slot_mappings=slot_mappings)
+        if timing is not None:
+            timing.add(self._synchronized_clock() - started, num_speculative_tokens)
+        return drafts
+
+    def _synchronized_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def build_model_inputs_first_pass(self, num_tokens, num_input_tokens, mm_embed_inputs):
         self.draft.clear_row_inputs(num_tokens, num_input_tokens)  # the first pass's padding rows

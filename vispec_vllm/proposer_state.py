@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -34,6 +35,9 @@ logger = logging.getLogger("vllm.vispec_vllm")
 IMAGE_MODALITIES = ("image", "video")  # ViSpec treats a video's tokens as one image run
 # How often the proposer logs the size of its state (operators watch it for leaks).
 STATE_LOG_INTERVAL_S = float(os.environ.get("VISPEC_VLLM_STATE_LOG_INTERVAL_S", "60"))
+# VISPEC_VLLM_TIME_DRAFT=1: time the proposer's drafting (the state log line reports it).
+DRAFT_TIMING_ENV = "VISPEC_VLLM_TIME_DRAFT"
+DRAFT_TIMING_PATTERN = re.compile(r"drafting ([0-9.]+) ms per draft forward over ([0-9]+) forwards")
 IMAGE_STATE_CAPACITY_ENV = "VISPEC_VLLM_IMAGE_STATE_CAPACITY"
 # A batch row whose request has images but no known decode g yet.
 NOT_SETTLED = np.iinfo(np.int64).max
@@ -58,6 +62,25 @@ def request_image_spans(mm_features, request: int = 0) -> list[ImageSpan]:
     spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, request, f.identifier)
              for f in mm_features or () if f.modality in IMAGE_MODALITIES]
     return sorted(spans, key=lambda span: span.offset)
+
+
+@dataclass
+class DraftTiming:
+    """Wall time of every propose() call of a decode step (the device synchronised on both sides),
+    and the draft forwards made in them (K per call): the cost of one drafted token, everything
+    included (the row buffers, K forwards with the LM head and argmax, vLLM's chain bookkeeping)."""
+
+    seconds: float = 0.0
+    forwards: int = 0
+
+    def add(self, seconds: float, forwards: int) -> None:
+        self.seconds += seconds
+        self.forwards += forwards
+
+    def summary(self) -> str:
+        """Parsed back by DRAFT_TIMING_PATTERN (the demo reads it from the server log)."""
+        per_forward_ms = 1e3 * self.seconds / self.forwards if self.forwards else 0.0
+        return f"drafting {per_forward_ms:.4f} ms per draft forward over {self.forwards} forwards"
 
 
 @dataclass
@@ -89,6 +112,8 @@ class ViSpecProposerState:
         self.reported_image_state_misses = 0
         self.missing_image_warned = False
         self.logged_at = time.monotonic()
+        # What drafting costs, when asked for (DRAFT_TIMING_ENV).
+        self.draft_timing = DraftTiming() if os.environ.get(DRAFT_TIMING_ENV, "0") == "1" else None
         # Per row of vLLM's input batch, as of `batch_req_ids` (re-derived when that changes):
         # the position from which the row's request is settled (0: no image; NOT_SETTLED) and its g.
         self.batch_req_ids: list[str] = []
@@ -184,7 +209,8 @@ class ViSpecProposerState:
         tensor_bytes += sum(entry.global_image_term.nbytes for entry in self.settled.values())
         return (f"ViSpec proposer state: {len(self.settled)} requests with image state, {images} cached images "
                 f"(capacity {self.capacity}), {2 * images + len(self.settled)} cached tensors "
-                f"({tensor_bytes / 2**20:.1f} MiB), {self.image_state_misses} image-state misses")
+                f"({tensor_bytes / 2**20:.1f} MiB), {self.image_state_misses} image-state misses"
+                + (f"; {self.draft_timing.summary()}" if self.draft_timing is not None else ""))
 
     def log_summary_now_and_then(self) -> None:
         if time.monotonic() - self.logged_at >= STATE_LOG_INTERVAL_S:

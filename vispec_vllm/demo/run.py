@@ -98,6 +98,14 @@ def target_step_ms(metrics_text: str) -> float | None:
     return 1e3 * metric_total(metrics_text, "vllm:inter_token_latency_seconds_sum") / count if count else None
 
 
+def draft_forward_ms(server_log: str) -> float | None:
+    """The ViSpec server's last logged drafting time per draft forward (VISPEC_VLLM_TIME_DRAFT=1)."""
+    from vispec_vllm.proposer_state import DRAFT_TIMING_PATTERN
+
+    found = DRAFT_TIMING_PATTERN.findall(server_log)
+    return float(found[-1][0]) if found and int(found[-1][1]) else None
+
+
 def run_demo(options: DemoOptions) -> dict:
     import contextlib
     import statistics
@@ -105,6 +113,7 @@ def run_demo(options: DemoOptions) -> dict:
     from vispec_vllm.demo.models import DEMO_PAIRS
     from vispec_vllm.demo.server import start_side_by_side
     from vispec_vllm.demo.target import RECIPES
+    from vispec_vllm.proposer_state import DRAFT_TIMING_ENV
 
     target, drafts = DEMO_PAIRS[options.image_tokens]
     draft = drafts["vispec"]
@@ -115,7 +124,9 @@ def run_demo(options: DemoOptions) -> dict:
     common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt",
               '{"image": 2}']
     spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
-    setups = {"none": (common, {}), "vispec": (common + ["--speculative-config", json.dumps(spec)], {})}
+    # The ViSpec server times its drafting and logs it every 2 s (vispec_vllm/proposer_state.py).
+    timing_env = {DRAFT_TIMING_ENV: "1", "VISPEC_VLLM_STATE_LOG_INTERVAL_S": "2"}
+    setups = {"none": (common, {}), "vispec": (common + ["--speculative-config", json.dumps(spec)], timing_env)}
     options.logs_dir.mkdir(parents=True, exist_ok=True)
     print(f"Demo pair: target {target.name} (trained on synthetic scenes, {recipe.num_image_tokens} image tokens "
           f"per image), ViSpec draft {draft.name}, K up to {options.num_speculative_tokens} (load-adaptive); "
@@ -138,6 +149,7 @@ def run_demo(options: DemoOptions) -> dict:
                   f"{tok_s['vispec']:.1f} with ViSpec: {repeats[-1]['speedup']:.2f}x", flush=True)
         acceptance = mean_acceptance_length(servers["vispec"].metrics())
         step_ms = target_step_ms(servers["none"].metrics())
+        forward_ms = draft_forward_ms(servers["vispec"].log_path.read_text())
     speedups = [r["speedup"] for r in repeats]
     reference_answers = answers["none"][0]
     report = {
@@ -160,6 +172,12 @@ def run_demo(options: DemoOptions) -> dict:
         "target_step_ms": step_ms,
         "target_step_measured_by": "mean inter-token latency of the server without speculation "
                                    "(vllm:inter_token_latency_seconds sum / count), concurrency 1",
+        "draft_forward_ms": forward_ms,
+        "draft_forward_measured_by": "the ViSpec server's drafting wall time per draft forward on decode "
+                                     "steps (VISPEC_VLLM_TIME_DRAFT=1: every propose() call of a decode step "
+                                     "timed, divided by the K forwards it makes; row buffers, LM head, argmax "
+                                     "and vLLM's chain bookkeeping included), concurrency 1",
+        "cost_ratio": forward_ms / step_ms if forward_ms and step_ms else None,
     }
     shown = next(i for i, (scenes_, _) in enumerate(examples) if len(scenes_) == 1)  # a one-image description
     scene = examples[shown][0][0]
@@ -167,6 +185,9 @@ def run_demo(options: DemoOptions) -> dict:
     print(f"Reference description:   {scene.description!r}")
     print(f"Outputs identical with and without speculation, in every repeat: {report['outputs_identical']}")
     print(f"Mean acceptance length (vLLM's 1 + accepted/drafts): {acceptance:.2f}")
+    if report["cost_ratio"] is not None:
+        print(f"One draft forward costs {forward_ms:.2f} ms against a target step of {step_ms:.2f} ms "
+              f"(c = {report['cost_ratio']:.2f})")
     print(f"Speed-up over no speculation on this machine, concurrency 1: median {report['speedup']:.2f}x, "
           f"min {report['speedup_min']:.2f}x, max {report['speedup_max']:.2f}x over {len(repeats)} repeats")
     options.out.parent.mkdir(parents=True, exist_ok=True)

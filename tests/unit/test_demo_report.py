@@ -1,0 +1,48 @@
+"""The main job's report (benchmarks/results/demo.json, written by `vispec-vllm demo`) and the
+measurements it is built from; no engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vispec_vllm.demo.run import draft_forward_ms, target_step_ms
+from vispec_vllm.proposer_state import DraftTiming
+
+DEMO_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo.json"
+
+
+def test_the_drafting_time_the_proposer_logs_is_what_the_demo_reads():
+    timing = DraftTiming()
+    timing.add(0.030, 5)
+    timing.add(0.010, 3)
+    log = f"INFO ... ViSpec proposer state: 1 requests ...; {DraftTiming().summary()}\nother\n" \
+          f"INFO ... ViSpec proposer state: 1 requests ...; {timing.summary()}\n"
+    assert draft_forward_ms(log) == pytest.approx(5.0)  # 40 ms over 8 forwards, the last line
+    assert draft_forward_ms("no timing logged") is None
+
+
+def test_target_step_is_the_mean_inter_token_latency():
+    metrics = ('vllm:inter_token_latency_seconds_sum{engine="0",model_name="m"} 0.5\n'
+               'vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 100.0\n')
+    assert target_step_ms(metrics) == pytest.approx(5.0)
+    assert target_step_ms("") is None
+
+
+def test_demo_json_has_the_fields_users_and_the_readme_read():
+    report = json.loads(DEMO_JSON.read_text())
+    for field in ("machine", "target", "draft", "image_tokens", "max_tokens", "k", "adaptive", "num_requests",
+                  "outputs_identical", "mean_acceptance_length", "tok_s_none", "tok_s_vispec", "speedup",
+                  "speedup_min", "speedup_max", "repeats", "target_step_ms", "draft_forward_ms",
+                  "target_step_measured_by", "draft_forward_measured_by", "cost_ratio"):
+        assert field in report, field
+    speedups = [repeat["speedup"] for repeat in report["repeats"]]
+    assert len(speedups) >= 3
+    assert report["speedup_min"] == min(speedups) and report["speedup_max"] == max(speedups)
+    assert report["speedup_min"] <= report["speedup"] <= report["speedup_max"]
+    for repeat in report["repeats"]:
+        assert repeat["speedup"] == pytest.approx(repeat["tok_s_vispec"] / repeat["tok_s_none"])
+    assert report["cost_ratio"] == pytest.approx(report["draft_forward_ms"] / report["target_step_ms"])
+    assert report["outputs_identical"] is True
