@@ -91,7 +91,7 @@ class Hardware:
     compute_efficiency: float  # fitted: likewise for FLOPs
     layer_overhead_s: float  # fitted: per decoder layer per forward (kernel launch gaps, small ops)
     step_overhead_s: float  # per engine step outside the forwards (scheduler, sampler, input prep)
-    draft_forward_overhead_s: float  # per draft forward (eager, as the ViSpec draft runs: launches, metadata)
+    draft_forward_overhead_s: float  # per draft forward (an eager draft's launches, metadata; less if captured)
     per_token_overhead_s: float = 0.0  # per token per forward, beyond the roofline (CPU kernels at tiny sizes)
     per_request_overhead_s: float = 0.0  # per running request per step (sampling, output handling: CPU)
     bytes_per_param: int = 2

@@ -7,9 +7,10 @@ At start-up that is an assumed per-position rate (VISPEC_VLLM_ACCEPTANCE_RATE, d
 the engine runs, the scheduler feeds every verified draft into `AdaptiveSchedule.record`
 (patches/acceptance_feedback.py) and the table is re-derived from the measured acceptance curve:
 after the first REDERIVE_EVERY drafts, then whenever the curve has moved (checked every
-REDERIVE_EVERY drafts, at most once per MIN_REDERIVE_INTERVAL_S). K stays at least 1 for a
-request running alone, so acceptance keeps being measured after traffic on which the draft was
-useless.
+REDERIVE_EVERY drafts, at most once per MIN_REDERIVE_INTERVAL_S). The table keeps K at least 1
+for a request running alone, so acceptance keeps being measured after traffic on which the draft
+was useless. The K a step actually drafts comes from measured step times (`OnlineSchedule`,
+below), which start from this table.
 """
 
 from __future__ import annotations

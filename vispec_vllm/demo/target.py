@@ -10,6 +10,8 @@ serves (fp32). Two recipes (`RECIPES`, by image tokens per image):
 - 576 (LLaVA-1.5's count): 192x192 images in 8-pixel patches, 4-9 labelled shapes, long answers and
   two-image comparisons (`vispec_vllm.demo.rich_scenes`), 65 minutes by default (the shipped one
   had 28 on one thread, then 37 on two).
+A third recipe, by name only (`RECIPES_BY_NAME`, `--recipe scene-llava-deep`): the 576-token scenes
+with 16 decoder layers, trained to a budget of steps instead of minutes (`DEEP`, below).
 
     python -m vispec_vllm.demo.target OUT_DIR [--image-tokens 36|576] [--minutes M] [--threads N]
 
