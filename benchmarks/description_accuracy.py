@@ -64,7 +64,9 @@ def main() -> None:
     report = {"machine": machine_description(), "target": target.name, "image_tokens": recipe.num_image_tokens,
               "command": f"python benchmarks/description_accuracy.py {which}",
               "held_out": "seeds from HELD_OUT_START on"
-              + (", in layouts never trained on (held out by content)" if hasattr(scenes_module, "layout") else ""),
+              + (", in the held-out layout bucket (rich_scenes.layout_is_held_out; a target trained after the "
+                 "content split, such as scene-llava-deep, never saw these layouts)" if hasattr(scenes_module, "layout")
+                 else ""),
               "criterion": "the colour-shape pairs the greedy description names are exactly the scene's objects",
               "correct_first_20": sum(s["correct"] for s in first), "rate_first_20": rate(first),
               "correct": sum(s["correct"] for s in scenes), "num_images": len(scenes), "rate": rate(scenes)}
