@@ -179,8 +179,9 @@ class AdaptiveSchedule:
 #     step seconds(K) = base + [K > 0] * drafting + K * per_draft_token
 # (least squares weighted by sample counts, so a K tried for a few steps borrows strength from the
 # K's measured often), then picks the K with the most tokens per second, tau(K) / step seconds(K),
-# tau being the measured mean acceptance length. Until a bucket has measured two K's, the cost
-# model's prediction is used, scaled by the bucket's measured error. Now and then a neighbouring
+# tau being the measured mean acceptance length. Until a bucket has measured two K's, the engine
+# keeps the start-up table's K there (the cost model's; without a table, its prediction scaled by
+# the bucket's measured error decides). Now and then a neighbouring
 # K (and K = 0, no speculation) is tried for a few steps, so that every estimate stays current;
 # the interval between such probes doubles while they confirm the choice.
 
