@@ -125,7 +125,7 @@ def test_held_out_layouts_never_occur_in_training():
     import itertools
 
     held_out = held_out_seeds(200)
-    comparisons = [seed for seed in held_out if rich_scenes._is_comparison(seed)]
+    comparisons = [seed for seed in held_out if rich_scenes.is_comparison(seed)]
     assert comparisons, "the held-out set has two-image prompts"
     held_out_layouts = {rich_scenes.layout(s) for seed in held_out for s in rich_scenes._example_scene_seeds(seed)}
     training = list(itertools.islice(rich_scenes.train_seed_stream(0), 5000))

@@ -141,7 +141,7 @@ def layout_is_held_out(cells: frozenset[tuple[int, int]]) -> bool:
 
 def _example_scene_seeds(seed: int) -> tuple[int, ...]:
     """The scene seeds of example (or prompt) `seed`: its own, and a comparison's second."""
-    return pair_seeds(seed) if _is_comparison(seed) else (seed,)
+    return pair_seeds(seed) if is_comparison(seed) else (seed,)
 
 
 def _example_layouts(seed: int) -> list[frozenset[tuple[int, int]]]:
@@ -308,7 +308,7 @@ def make_pair(seed: int) -> ScenePair:
     return ScenePair(first=a, second=b, comparison=_comparison(a.objects, b.objects))
 
 
-def _is_comparison(seed: int) -> bool:
+def is_comparison(seed: int) -> bool:
     """Whether example `seed` compares two images (COMPARE_FRACTION of seeds)."""
     return random.Random(f"kind-{seed}").random() < COMPARE_FRACTION
 
@@ -316,7 +316,7 @@ def _is_comparison(seed: int) -> bool:
 def training_example(seed: int) -> tuple[list[RichScene], list[dict]]:
     """The scenes and chat messages of training example `seed`: usually one scene's conversation,
     for COMPARE_FRACTION of seeds the comparison of two scenes."""
-    if _is_comparison(seed):
+    if is_comparison(seed):
         pair = make_pair(seed)
         return [pair.first, pair.second], chat([(COMPARE_PROMPT, pair.comparison)], num_images=2)
     scene = make_scene(seed)
@@ -326,7 +326,7 @@ def training_example(seed: int) -> tuple[list[RichScene], list[dict]]:
 def training_prompt(seed: int) -> tuple[list[RichScene], list[dict]]:
     """The scenes and the prompt (no answer) of draft-training example `seed`: a description
     request, or for COMPARE_FRACTION of seeds a comparison of two images."""
-    if _is_comparison(seed):
+    if is_comparison(seed):
         pair = make_pair(seed)
         return [pair.first, pair.second], compare_messages()
     return [make_scene(seed)], describe_messages()

@@ -75,10 +75,12 @@ def held_out_prompts(recipe, count: int) -> list[tuple[list, list[dict]]]:
     """`count` held-out (scenes, messages) prompts as the target was trained on them: description
     requests and, where the scenes have them, one comparison of two images among them."""
     seeds = recipe.scenes.held_out_seeds(8 * count)
-    examples = [recipe.scenes.training_prompt(seed) for seed in seeds]
-    one_image = [example for example in examples if len(example[0]) == 1]
-    two_images = [example for example in examples if len(example[0]) == 2]
-    return one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
+    # Chosen by seed, so that only the prompts used draw their scenes.
+    is_comparison = getattr(recipe.scenes, "is_comparison", lambda _seed: False)
+    one_image = [seed for seed in seeds if not is_comparison(seed)]
+    two_images = [seed for seed in seeds if is_comparison(seed)]
+    chosen = one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
+    return [recipe.scenes.training_prompt(seed) for seed in chosen]
 
 
 def _chat_content(scenes_: list, messages: list[dict]) -> list[dict]:
