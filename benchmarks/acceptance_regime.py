@@ -9,7 +9,7 @@ For each target it trains, per training seed, every draft kind and variant of
 `eagle` (EAGLE-style on the same target-generated data), `eagle-text` (text only, no image data),
 `eagle-captions` (eagle-text with a short caption fine-tune at a lower lr), the ablations
 `eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, and the `vispec-bias` variant (the published
-fc/img_fc biases). Then it measures in vLLM, for every servable draft at every K, on the same
+fc/img_fc biases). Then it measures in vLLM, for every draft at every K, on the same
 held-out prompts (at least 48 by default; layouts never trained on; two-image comparisons where the
 scenes have them), greedy, float32, in-process, with load-adaptive speculation off: vLLM's mean
 acceptance length (1 + accepted / drafts) and the acceptance rate at each speculative position
@@ -137,7 +137,6 @@ def main() -> None:
     from vispec_vllm.demo.build import (
         DRAFT_KINDS,
         EAGLE_LAYOUT_KINDS,
-        NOT_YET_SERVABLE,
         VARIANTS,
         budget_for,
         draft_dir,
@@ -168,10 +167,6 @@ def main() -> None:
     for name, directory in target_dirs.items():
         if not (directory / "config.json").is_file():
             parser.error(f"no target {name} at {directory}; pass --target-dir {name}=DIR")
-    measured_kinds = [kind for kind in args.drafts if kind not in NOT_YET_SERVABLE]
-    for kind in args.drafts:
-        if kind in NOT_YET_SERVABLE:
-            print(f"{kind}: trained, not measured: {NOT_YET_SERVABLE[kind]}", flush=True)
 
     measured_path = args.work / "measurements.jsonl"  # one line per measurement: resumable
     args.work.mkdir(parents=True, exist_ok=True)
@@ -183,7 +178,7 @@ def main() -> None:
                 done[(run["target"], run["draft"], run["seed"], run["k"], run["num_requests"])] = run
     # (target, draft, seed, K, requests) of every measurement.
     planned = [(name, kind, seed, k, args.num_requests)
-               for name in args.targets for seed in args.seeds for kind in measured_kinds for k in args.ks]
+               for name in args.targets for seed in args.seeds for kind in args.drafts for k in args.ks]
     started = time.monotonic()
     prompt_notes = {}
     for name in args.targets:
@@ -200,6 +195,7 @@ def main() -> None:
             key = (name, kind, seed, k, args.num_requests)
             if key in done:
                 continue
+            # The rest, the ablations eagle-drop and vispec-keep included, are ViSpec checkpoints.
             method = "eagle" if kind in EAGLE_LAYOUT_KINDS else None
             mean, per_position = measure_acceptance_by_position(
                 target, draft_dir(work, seed, kind), method, k, prompts, budget_for(recipe).max_tokens,
@@ -224,7 +220,6 @@ def main() -> None:
                    "scene or, on rich scenes, compare two; greedy, float32, in-process vLLM, every step drafts K "
                    "(load-adaptive speculation off)",
         "variants": {name: VARIANTS[name] for name in args.drafts if name in VARIANTS},
-        "not_measured": {kind: NOT_YET_SERVABLE[kind] for kind in args.drafts if kind in NOT_YET_SERVABLE},
         "summary": summarise(runs),
         # Runs whose acceptance is exactly zero past some position: the report must explain each.
         "zero_acceptance_tails": zero_acceptance_tails(runs),

@@ -1,6 +1,9 @@
 """The draft training pipeline on tiny targets: data records line up for every family, both
 stages lower their loss and write checkpoints that vLLM serves (ViSpec and plain EAGLE)
-losslessly, and the multi-process path runs under torchrun with 2 CPU processes (gloo)."""
+losslessly, the regime experiment's two ablations (the EAGLE draft that drops image rows, the
+ViSpec draft that keeps them) serve losslessly and propose what the independent reference draft
+proposes from their checkpoints, and the multi-process path runs under torchrun with 2 CPU
+processes (gloo)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import sys
 import pytest
 import torch
 from conftest import chat_tokens, engine_metrics, make_llm, mixed_conversations, model_runner_of, shutdown_llm
+from proposal_recorder import record_proposals
 from safetensors.torch import load_file
+from vispec_reference import ReferenceViSpecDraft, target_lm_head
 
 from vispec_vllm.checkpoint import load_checkpoint_description
 from vispec_vllm.target_checkpoint import TargetCheckpoint
@@ -80,6 +85,41 @@ def test_both_stages_lower_loss_and_serve_losslessly(tiny_models, llava_data, tm
             assert chat_tokens(llm, mixed_conversations()) == baseline
             # Trained on these very prompts, the drafts must now be accepted.
             assert engine_metrics(llm)["vllm:spec_decode_num_accepted_tokens"] > 0
+        finally:
+            shutdown_llm(llm)
+
+
+@pytest.mark.usefixtures("fixed_number_of_draft_tokens")  # the reference drafts K tokens every step
+def test_ablation_drafts_serve_as_trained(tiny_models, llava_data, tmp_path):
+    target = tiny_models / "tiny-llava"
+    # vispec_vllm/demo/build.py's eagle-drop and vispec-keep (stage 2 here from scratch), tiny:
+    # (training config, the served draft's (num_q, keep_image_rows)).
+    ablations = {
+        "eagle-drop": (TrainConfig(stage=1, epochs=3, lr=1e-3, drop_image_rows=True), (1, False)),
+        "vispec-keep": (TrainConfig(stage=2, epochs=3, lr=1e-3, keep_image_rows=True), (2, True)),
+    }
+    for name, (cfg, _) in ablations.items():
+        train_draft(target, llava_data, tmp_path / name, cfg)
+    baseline_llm = make_llm(target)
+    baseline = chat_tokens(baseline_llm, mixed_conversations())
+    shutdown_llm(baseline_llm)
+    two_images = mixed_conversations()[3]
+    for name, (_, served_as) in ablations.items():
+        draft = tmp_path / name
+        llm = make_llm(target, speculative_config={"model": str(draft), "num_speculative_tokens": 3})
+        try:
+            drafter = model_runner_of(llm).drafter
+            assert type(drafter).__name__ == "ViSpecProposer"
+            assert (drafter.draft.num_q, drafter.draft.keep_image_rows) == served_as, name
+            assert chat_tokens(llm, mixed_conversations()) == baseline, name
+            recorder, sequence = record_proposals(llm, two_images)
+            assert len(recorder.images) == 2 and recorder.steps
+            reference = ReferenceViSpecDraft(draft, target_lm_head(target))
+            images = sorted(recorder.images.values(), key=lambda image: image[0])
+            for step in recorder.steps:
+                expected = reference.propose(sequence[: step.last_row + 2], recorder.target_hidden, images,
+                                             step.last_row, 3)
+                assert step.proposals == expected, f"{name}: step at row {step.last_row}"
         finally:
             shutdown_llm(llm)
 

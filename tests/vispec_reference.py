@@ -2,6 +2,8 @@
 used only to check the plugin. It calls no plugin code and shares none of its tricks: it builds
 the compressed row sequence explicitly (image rows removed, compressed tokens inserted at the
 positions of the image's last num_q-1 rows) and recomputes full causal attention every time.
+A draft whose config.json says `vispec_keep_image_rows` (the training ablation that drops no image
+row) keeps the image rows other than the compressed ones, as text rows that fuse g = 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class ReferenceViSpecDraft:
         self.eps = config["rms_norm_eps"]
         self.theta = config.get("rope_theta", 10000.0)
         self.num_q = self.w["imadpt.q"].shape[0]
+        # Spelled out, not imported: the reference reads the checkpoint as its format documents it.
+        self.keep_image_rows = config.get("vispec_keep_image_rows", False)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
@@ -94,7 +98,10 @@ class ReferenceViSpecDraft:
                 if j >= 0:
                     rows.append(compressed[j])
                     positions.append(i)
-                continue  # every other image row is dropped
+                elif self.keep_image_rows:
+                    rows.append(self._text_row(tokens[i + 1], target_hidden[i], torch.zeros(self.hidden)))
+                    positions.append(i)
+                continue  # else every other image row is dropped
             rows.append(self._text_row(tokens[i + 1], target_hidden[i], self._g_before(image_info, i)))
             positions.append(i)
         g = self._g_before(image_info, last_row + 1)

@@ -3,8 +3,10 @@
 A published ViSpec draft (`JLKang/ViSpec-*`) is `config.json` (a plain Llama or Qwen2 config with
 one layer) plus `model.safetensors` or `pytorch_model.bin`. Nothing in the config says "ViSpec";
 the weights do: `imadpt.*` (the vision adaptor) and `img_fc.*` (the global-feature fusion).
-`num_q` is not stored either; it is `imadpt.q.shape[0]`. The format itself (names, shapes,
-families) is written down in vispec_vllm/checkpoint_format.py; this module reads files against it.
+`num_q` is not stored either; it is `imadpt.q.shape[0]` (1 is accepted: no compressed token, every
+image row dropped, as the EAGLE draft trained with its image rows dropped is written). The format
+itself (names, shapes, families, the optional `vispec_keep_image_rows` key) is written down in
+vispec_vllm/checkpoint_format.py; this module reads files against it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vispec_vllm.checkpoint_format import (
     DraftDims,
     ViSpecDraftConfig,
     draft_family,
+    keeps_image_rows,
     masked_head_size,
     published_shapes,
     weight_layout,
@@ -43,6 +46,8 @@ class ViSpecCheckpoint:
     # Tensors in the file that the draft does not use (a leftover lm_head, a training buffer):
     # the loader skips exactly these.
     ignored_weights: tuple[str, ...] = ()
+    # config.json's optional KEEP_IMAGE_ROWS_KEY: no image row is dropped (a training ablation).
+    keep_image_rows: bool = False
 
     @property
     def architecture(self) -> str:
@@ -58,7 +63,8 @@ class ViSpecCheckpoint:
             raise ViSpecCheckpointError(f"{self.weight_file}: {err}") from err
         return ViSpecDraftConfig(num_q=self.dims.num_q, head_dim=self.dims.head_dim, qkv_bias=self.dims.qkv_bias,
                                  has_bias=self.dims.has_bias, masked_head_size=head_size,
-                                 ignored_weights=self.ignored_weights, adaptive_schedule=adaptive_schedule)
+                                 ignored_weights=self.ignored_weights, adaptive_schedule=adaptive_schedule,
+                                 keep_image_rows=self.keep_image_rows)
 
 
 def resolve_local_dir(model: str) -> Path | None:
@@ -175,9 +181,13 @@ def load_checkpoint_description(model: str) -> ViSpecCheckpoint:
         raise ViSpecCheckpointError(
             f"{weight_file}: imadpt.q has {num_heads} heads but {config_file} says "
             f"num_attention_heads={config['num_attention_heads']}")
-    if num_q < 2:
-        raise ViSpecCheckpointError(f"{weight_file}: imadpt.q has num_q={num_q}; ViSpec needs at least 2 "
-                                    "(compressed tokens plus the global image vector)")
+    if num_q < 1:
+        raise ViSpecCheckpointError(f"{weight_file}: imadpt.q has num_q={num_q}; the adaptor needs at least 1 "
+                                    "query (its last is the global image vector)")
+    try:
+        keep_image_rows = keeps_image_rows(config)
+    except ValueError as err:
+        raise ViSpecCheckpointError(f"{config_file}: {err}") from err
     dims = DraftDims(int(config["hidden_size"]), num_heads, head_dim, int(config["intermediate_size"]),
                      int(config["vocab_size"]), bool(config.get("qkv_bias", False)), num_q=num_q,
                      has_bias=bool(config.get("bias", True)), has_embed_tokens="embed_tokens.weight" in shapes)
@@ -205,7 +215,7 @@ def load_checkpoint_description(model: str) -> ViSpecCheckpoint:
                        weight_file)
     return ViSpecCheckpoint(directory=directory, weight_file=weight_file,
                             family=draft_family(config.get("model_type", "llama")), dims=dims,
-                            ignored_weights=ignored)
+                            ignored_weights=ignored, keep_image_rows=keep_image_rows)
 
 
 def validate_against_target(checkpoint: ViSpecCheckpoint, target_hidden_size: int, target_vocab_size: int,

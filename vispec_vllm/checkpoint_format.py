@@ -10,12 +10,13 @@ A ViSpec draft directory holds `config.json` (a plain one-layer Llama or Qwen2 c
   plain EAGLE / stage-1 draft holds) and the ViSpec part (`imadpt.*`, the vision adaptor, and
   `img_fc.*`, the global-feature fusion);
 - which layout a set of weight names is in (ViSpec, plain EAGLE, or neither);
-- the draft `config.json` fields;
+- the draft `config.json` fields, and the one this project adds: `vispec_keep_image_rows`
+  (`KEEP_IMAGE_ROWS_KEY`), written only for drafts trained with every image row kept;
 - how each published name maps to a parameter of the vLLM draft module (`model.` prefix, q/k/v
   and gate/up stacked), as the tables vLLM's `WeightsMapper` takes;
 - what a served draft is built from beyond its config.json (`ViSpecDraftConfig`: num_q, head_dim,
-  biases, the key-mask head size, the ignored tensors), and the one draft-config attribute that
-  carries it from the checkpoint validator to the vLLM draft module.
+  biases, the key-mask head size, the ignored tensors, whether image rows are kept), and the one
+  draft-config attribute that carries it from the checkpoint validator to the vLLM draft module.
 
 No vLLM import: the checkpoint validator, the vLLM draft model, training and the tiny-model
 factory all read it.
@@ -23,7 +24,7 @@ factory all read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, asdict, dataclass, fields
 
 # Families, by the draft config's model_type.
@@ -43,6 +44,13 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 VISPEC_PREFIXES = ("imadpt.", "img_fc.")
 EAGLE_FC = "fc.weight"
 EAGLE_LAYER_PREFIX = "layers.0."
+
+# Optional draft config.json key (not in the published checkpoints; absent means false): true for
+# a draft trained with no image row dropped (the `keep_image_rows` training ablation). Such a draft
+# is served under the row plan with `keep_image_rows` (vispec_vllm/row_plan.py): the image rows
+# ViSpec drops stay in the draft's attention as text rows that fuse no g; the compressed rows and
+# the g of later rows are ViSpec's.
+KEEP_IMAGE_ROWS_KEY = "vispec_keep_image_rows"
 
 
 def target_family(model_type: str) -> str | None:
@@ -137,9 +145,10 @@ def weight_layout(names: Iterable[str]) -> str | None:
     return "eagle" if is_eagle else None
 
 
-def draft_config(dims: DraftDims, family: str, max_position_embeddings: int = 4096) -> dict:
+def draft_config(dims: DraftDims, family: str, max_position_embeddings: int = 4096,
+                 keep_image_rows: bool = False) -> dict:
     """config.json of a ViSpec draft, with the keys of the published checkpoints (the optional
-    `bias` key only when fc / img_fc have no bias)."""
+    `bias` key only when fc / img_fc have no bias; KEEP_IMAGE_ROWS_KEY only when image rows are kept)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown draft family {family!r}; expected one of {FAMILIES}")
     if dims.qkv_bias != FAMILY_QKV_BIAS[family]:
@@ -179,7 +188,18 @@ def draft_config(dims: DraftDims, family: str, max_position_embeddings: int = 40
         config.update(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, pad_token_id=0)
     if not dims.has_bias:
         config["bias"] = False
+    if keep_image_rows:
+        config[KEEP_IMAGE_ROWS_KEY] = True
     return dict(sorted(config.items()))
+
+
+def keeps_image_rows(config: Mapping[str, object]) -> bool:
+    """Whether a draft config.json says the draft keeps every image row (KEEP_IMAGE_ROWS_KEY; absent,
+    as in every published checkpoint, means no). Anything but a JSON boolean is refused."""
+    value = config.get(KEEP_IMAGE_ROWS_KEY, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{KEEP_IMAGE_ROWS_KEY} is {value!r}; expected true or false")
+    return value
 
 
 # How each published name maps to a parameter of the vLLM draft module, as vLLM's `WeightsMapper`
@@ -237,6 +257,8 @@ class ViSpecDraftConfig:
     ignored_weights:   tensors of the checkpoint the draft does not use; the loader skips them
     adaptive_schedule: the scheduler keeps the draft length in step with the measured acceptance
                        (patches/acceptance_feedback.py)
+    keep_image_rows:   no image row is dropped: the rows are planned with `keep_image_rows`
+                       (config.json's optional KEEP_IMAGE_ROWS_KEY, absent means False)
     """
 
     num_q: int
@@ -246,6 +268,7 @@ class ViSpecDraftConfig:
     masked_head_size: int
     ignored_weights: tuple[str, ...] = ()
     adaptive_schedule: bool = False
+    keep_image_rows: bool = False
 
     def store_in(self, hf_config: object) -> None:
         setattr(hf_config, VISPEC_DRAFT_CONFIG_ATTRIBUTE, asdict(self))

@@ -7,6 +7,9 @@ the next token x_{i+1}:
     compressed row  z_i = A[r]                                        adaptor output, bypasses fc
     dropped row     an image row other than the last num_q-1: its key is hidden from every query
 
+(num_q = 1: no compressed row, every image row dropped. A draft whose config keeps image rows,
+`ViSpecDraftConfig.keep_image_rows`, has no dropped row: those rows are text rows with g = 0.)
+
 Both linear maps of a text row are affine, so the draft folds them once the weights are loaded
 (`fold_img_fc`): with fc = [F_e | F_f] and img_fc = [I_h | I_g] (+ biases b_fc, b_img),
 
@@ -226,9 +229,14 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
     def num_q(self) -> int:
         return self.vispec_config.num_q
 
+    @property
+    def keep_image_rows(self) -> bool:
+        """The rows are planned with no image row dropped (vispec_vllm/row_plan.py)."""
+        return self.vispec_config.keep_image_rows
+
     def compress_image(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(compressed tokens [num_q-1, H], global image term [H]) for one image: the adaptor's
-        outputs, its last (the global image feature g) as it enters a text row, F_f I_g g."""
+        """(compressed tokens [num_q-1, H], none for num_q = 1; global image term [H]) for one image:
+        the adaptor's outputs, its last (the global image feature g) as it enters a text row, F_f I_g g."""
         adapted = self.imadpt(image_embeds.to(self.imadpt.q.dtype))
         return adapted[:-1], self.global_image_projection @ adapted[-1]
 

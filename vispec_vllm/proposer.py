@@ -133,7 +133,8 @@ class ViSpecProposer(EagleProposer):
             return
         spans = {i: request_image_spans(requests[batch.req_ids[i]].mm_features, i) for i in planned.tolist()}
         images = [span for request_spans in spans.values() for span in request_spans]
-        plan = plan_rows(images, draft.num_q, query_start_cpu, torch.from_numpy(window_start))
+        plan = plan_rows(images, draft.num_q, query_start_cpu, torch.from_numpy(window_start),
+                         keep_image_rows=draft.keep_image_rows)
         following = plan.following_global_feature_source[torch.from_numpy(planned)]
         g_table, token_table = self._image_tables(images, plan.global_feature_source, following,
                                                   plan.compressed_index)

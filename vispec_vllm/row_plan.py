@@ -9,6 +9,11 @@ position i. For an image at token positions [o, o+L):
 - rows before the request's first image fuse zero, and decode rows (past the prompt) fuse g of
   the prompt's last image: the same rule, since no image follows.
 
+num_q = 1 (no compressed token) drops every image row. With `keep_image_rows` (the ablation of a
+draft trained with no image row dropped; config key `vispec_keep_image_rows`,
+vispec_vllm/checkpoint_format.py) no row is dropped: the image rows that would be dropped stay as
+text rows fusing zero, as every image row does; the compressed rows and every row's g are the same.
+
 `plan_rows` applies these rules to a batch of token windows at once, with tensor ops only (no
 Python loop over rows, requests or images). Both the runtime proposer (vispec_vllm/proposer.py)
 and training (vispec_vllm/training/train.py) use it, describing images as `ImageSpan`s. No vLLM
@@ -50,11 +55,13 @@ class ImageSpan:
 class RowPlan:
     """What each row of a batch of windows is.
 
-    is_dropped:            [rows] bool, an image row that holds no compressed token
+    is_dropped:            [rows] bool, an image row that holds no compressed token (none when
+                           image rows are kept)
     compressed_index:      [rows] index into the flat table of the batch's compressed tokens
                            (image k's token j at k * (num_q - 1) + j), or -1
     global_feature_source: [rows] the image whose g the row fuses, or -1 for zero (no image before
-                           the row, or an image row: its input does not go through img_fc)
+                           the row, or an image row: dropped or compressed, its input does not go
+                           through img_fc; kept as a text row, it fuses zero)
     following_global_feature_source: [requests] the same for the row just after each window
                            (position = window end), which the next draft rows fuse
     """
@@ -73,7 +80,7 @@ def _latest(sorted_keys: torch.Tensor, sorted_request: torch.Tensor, keys: torch
     return torch.where(same_request, index, -1)
 
 
-def _plan_positions(spans: torch.Tensor, num_q: int, request: torch.Tensor,
+def _plan_positions(spans: torch.Tensor, num_q: int, keep_image_rows: bool, request: torch.Tensor,
                     position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(is_dropped, compressed_index, global_feature_source) of the rows at (request, position);
     spans: [images, 3] (request, offset, length)."""
@@ -100,12 +107,14 @@ def _plan_positions(spans: torch.Tensor, num_q: int, request: torch.Tensor,
     end_row_key = sorted_request * _REQUEST_STRIDE + sorted_end_row + 1
     ended = _latest(end_row_key, sorted_request, row_key, request)
     global_feature_source = torch.where((ended >= 0) & ~is_image_row, order[ended.clamp(min=0)], -1)
-    return is_image_row & ~is_compressed, compressed_index, global_feature_source
+    # Kept, an image row without a compressed token is a text row; it fuses zero like every image row.
+    is_dropped = torch.zeros_like(is_image_row) if keep_image_rows else is_image_row & ~is_compressed
+    return is_dropped, compressed_index, global_feature_source
 
 
 def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor,
-              window_start: torch.Tensor) -> RowPlan:
-    """The row plan of a flat batch of windows.
+              window_start: torch.Tensor, keep_image_rows: bool = False) -> RowPlan:
+    """The row plan of a flat batch of windows (with `keep_image_rows`, one in which no row is dropped).
 
     Request r computes the rows at token positions [window_start[r], window_start[r] + n_r), laid
     out at flat rows [query_start[r], query_start[r+1]) with n_r = query_start[r+1] - query_start[r]
@@ -128,6 +137,7 @@ def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor
     row_request = torch.repeat_interleave(requests, rows_per_request, output_size=num_rows)
     row = torch.arange(num_rows, device=window_start.device)
     position = window_start[row_request] + row - query_start[row_request]
-    is_dropped, compressed_index, global_feature_source = _plan_positions(spans, num_q, row_request, position)
-    *_, following = _plan_positions(spans, num_q, requests, window_start + rows_per_request)
+    is_dropped, compressed_index, global_feature_source = _plan_positions(spans, num_q, keep_image_rows, row_request,
+                                                                          position)
+    *_, following = _plan_positions(spans, num_q, keep_image_rows, requests, window_start + rows_per_request)
     return RowPlan(is_dropped, compressed_index, global_feature_source, following)

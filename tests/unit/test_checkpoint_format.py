@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import pickle
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from vispec_vllm.checkpoint import (
     load_checkpoint_description,
 )
 from vispec_vllm.checkpoint_format import (
+    KEEP_IMAGE_ROWS_KEY,
     VISPEC_DRAFT_CONFIG_ATTRIBUTE,
     DraftDims,
     ViSpecDraftConfig,
@@ -175,6 +177,14 @@ def test_draft_config_fields(family, qkv_bias, rms_norm_eps, bias):
         draft_config(DraftDims(4096, 32, 128, 11008, 32064, qkv_bias), "llava")
 
 
+def test_draft_config_of_a_draft_keeping_image_rows():
+    dims = DraftDims(4096, 32, 128, 11008, 32064, False)
+    # The project's own key, and only it, on top of the published config; it is not a published key.
+    assert KEEP_IMAGE_ROWS_KEY == "vispec_keep_image_rows" and KEEP_IMAGE_ROWS_KEY not in COMMON_CONFIG_KEYS
+    assert draft_config(dims, "llama", keep_image_rows=True) == {**draft_config(dims, "llama"),
+                                                                  KEEP_IMAGE_ROWS_KEY: True}
+
+
 # Where each published weight lands in the vLLM draft module (vLLM's EAGLE Llama layout: `model.`
 # prefix, fused qkv_proj / gate_up_proj loaded by shard; the adaptor at the top level, unfused).
 EXPECTED_MAPPING = {
@@ -246,9 +256,11 @@ def test_masked_head_size_leaves_room_for_the_mask_channel():
         masked_head_size(512, cpu_sizes)
 
 
-def test_draft_config_travels_as_one_plain_attribute():
+@pytest.mark.parametrize("keep_image_rows", [False, True])
+def test_draft_config_travels_as_one_plain_attribute(keep_image_rows):
     config = ViSpecDraftConfig(num_q=5, head_dim=32, qkv_bias=True, has_bias=False, masked_head_size=64,
-                               ignored_weights=("lm_head.weight",), adaptive_schedule=True)
+                               ignored_weights=("lm_head.weight",), adaptive_schedule=True,
+                               keep_image_rows=keep_image_rows)
     hf_config = SimpleNamespace(hidden_size=128)
     assert ViSpecDraftConfig.stored_in(hf_config) is None
     config.store_in(hf_config)
@@ -354,6 +366,47 @@ def test_valid_draft_describes_itself(draft, warnings):
         adaptive_schedule=True)
     with pytest.raises(ViSpecCheckpointError, match=rf"{draft / 'model.safetensors'}: head_dim 32 leaves no room"):
         checkpoint.vispec_draft_config((16, 32), adaptive_schedule=False)
+
+
+def write_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_a_draft_keeping_image_rows_describes_itself(draft, warnings):
+    write_config(draft, **{KEEP_IMAGE_ROWS_KEY: True})
+    checkpoint = load_checkpoint_description(str(draft))
+    assert checkpoint.keep_image_rows and checkpoint.dims == TINY and warnings == []
+    assert checkpoint.vispec_draft_config((32, 64), adaptive_schedule=False) == ViSpecDraftConfig(
+        num_q=2, head_dim=32, qkv_bias=False, has_bias=True, masked_head_size=64, keep_image_rows=True)
+    write_config(draft, **{KEEP_IMAGE_ROWS_KEY: False})
+    assert not load_checkpoint_description(str(draft)).keep_image_rows
+
+
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_a_keep_key_that_is_not_a_boolean_stops(draft, value):
+    write_config(draft, **{KEEP_IMAGE_ROWS_KEY: value})
+    with pytest.raises(ViSpecCheckpointError, match=rf"{draft / 'config.json'}: {KEEP_IMAGE_ROWS_KEY} is "
+                                                    rf"{re.escape(repr(value))}; expected true or false"):
+        load_checkpoint_description(str(draft))
+
+
+def test_one_query_draft_is_accepted(tmp_path, warnings):
+    # The EAGLE draft trained with its image rows dropped: an adaptor with only the global query.
+    out = tmp_path / "one-query"
+    write_vispec_draft(out, TINY, "llama", torch.randn(512, 128, generator=torch.Generator().manual_seed(0)), seed=0,
+                       num_q=1)
+    checkpoint = load_checkpoint_description(str(out))
+    assert checkpoint.dims == DraftDims(128, 4, 32, 256, 512, False, num_q=1) and warnings == []
+    assert checkpoint.vispec_draft_config(None, adaptive_schedule=False).num_q == 1
+    assert not checkpoint.keep_image_rows
+
+
+def test_a_draft_without_adaptor_queries_stops(draft):
+    weight_file = edit(draft, lambda w: {**w, "imadpt.q": torch.zeros(0, 4, 32)})
+    with pytest.raises(ViSpecCheckpointError, match=r"imadpt\.q has num_q=0; the adaptor needs at least 1") as info:
+        load_checkpoint_description(str(draft))
+    assert str(weight_file) in str(info.value)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])

@@ -1,7 +1,8 @@
 """The drafts the regime experiment compares (vispec_vllm/demo/build.py) share one budget: the same
 number of optimiser steps, the same schedule shape and peak lr in every half (eagle-captions' caption
 fine-tune aside: at most 10% of the budget, at a lower lr); each ablation differs from its draft in
-its own flag only; a run finished under another config is refused; training imports no demo code."""
+its own flag only; a run finished under another config is refused, and so is a finished keep draft
+whose config.json does not say it keeps image rows; training imports no demo code."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import asdict
 
 import pytest
 
+from vispec_vllm.checkpoint_format import KEEP_IMAGE_ROWS_KEY
 from vispec_vllm.demo.build import DONE_MARKER, DRAFT_KINDS, VARIANTS, DraftBudget, draft_plan, train_once
 
 BUDGET = DraftBudget(num_samples=24, epochs=5)
@@ -67,10 +69,15 @@ def test_a_run_finished_under_another_config_is_refused(tmp_path):
     out = tmp_path / "vispec"
     out.mkdir()
     (out / "training_config.json").write_text(json.dumps(asdict(plan["vispec-keep"].config)))
+    (out / "config.json").write_text(json.dumps({KEEP_IMAGE_ROWS_KEY: True}))
     (out / DONE_MARKER).write_text("")
     assert train_once(tmp_path, tmp_path, out, plan["vispec-keep"].config) == out  # same config: reused
     with pytest.raises(RuntimeError, match="keep_image_rows"):
         train_once(tmp_path, tmp_path, out, plan["vispec"].config)
+    # A keep draft finished before training wrote the key would be served dropping its image rows.
+    (out / "config.json").write_text(json.dumps({}))
+    with pytest.raises(RuntimeError, match=KEEP_IMAGE_ROWS_KEY):
+        train_once(tmp_path, tmp_path, out, plan["vispec-keep"].config)
 
 
 def test_training_imports_no_demo_code():

@@ -3,7 +3,9 @@
 The reference below is written straight from the rules, row by row and image by image, with none
 of the code under test: for an image at token positions [o, o+L), image rows are [o-1, o+L-1), the
 last num_q-1 of them hold the compressed tokens and the others are dropped; rows from o+L-1 until
-the next image's first row fuse the image's g; rows before any image fuse zero (-1).
+the next image's first row fuse the image's g; rows before any image fuse zero (-1). Keeping image
+rows (the `keep_image_rows` ablation) drops none of them: a row that would be dropped is a row that
+fuses zero, like every image row.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from vispec_vllm.row_plan import ImageSpan, plan_rows
 Image = tuple[int, int]  # (offset, length)
 
 
-def naive_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int]]):
+def naive_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int]], keep_image_rows: bool = False):
     """Per row: (is_dropped, compressed_index, global_feature_source); per request: the following row's source.
 
     Images are numbered in the order given, request by request.
@@ -37,7 +39,7 @@ def naive_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, i
                 rows_left = end_row - pos  # 1 for the image's last row
                 if rows_left <= num_compressed:
                     return False, image * num_compressed + (num_compressed - rows_left), -1
-                return True, -1, -1
+                return not keep_image_rows, -1, -1
         for k, (image, offset, length) in enumerate(by_offset):
             next_first_row = by_offset[k + 1][1] - 1 if k + 1 < len(by_offset) else float("inf")
             if offset + length - 1 <= pos < next_first_row:
@@ -49,14 +51,16 @@ def naive_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, i
     return ([d for d, _, _ in rows], [c for _, c, _ in rows], [g for _, _, g in rows], following)
 
 
-def run_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int]], order: list[int] | None = None):
+def run_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int]], order: list[int] | None = None,
+             keep_image_rows: bool = False):
     """plan_rows on the same inputs; `order` hands the spans over permuted (indices stay the caller's)."""
     flat = [(r, offset, length) for r, request_images in enumerate(images) for offset, length in request_images]
     order = order or list(range(len(flat)))
     spans = [ImageSpan(flat[i][1], flat[i][2], request=flat[i][0]) for i in order]
     lengths = [end - start for start, end in windows]
     query_start = torch.tensor([0] + lengths).cumsum(0)
-    plan = plan_rows(spans, num_q, query_start, torch.tensor([start for start, _ in windows]))
+    plan = plan_rows(spans, num_q, query_start, torch.tensor([start for start, _ in windows]),
+                     keep_image_rows=keep_image_rows)
     relabel = torch.tensor(order + [-1])  # position in the permuted table -> the caller's index
     num_compressed = num_q - 1
     compressed = plan.compressed_index
@@ -67,8 +71,9 @@ def run_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int
             relabel[plan.following_global_feature_source].tolist())
 
 
-def check(images, num_q, windows, order=None):
-    assert run_plan(images, num_q, windows, order) == naive_plan(images, num_q, windows)
+def check(images, num_q, windows, order=None, keep_image_rows=False):
+    assert (run_plan(images, num_q, windows, order, keep_image_rows)
+            == naive_plan(images, num_q, windows, keep_image_rows))
 
 
 # -- hand-written cases -------------------------------------------------------------------------
@@ -135,6 +140,28 @@ def test_one_query_drops_every_image_row():
                                                   [-1, -1, -1, -1, 0, 0], [0])
 
 
+def test_kept_image_rows_are_not_dropped_and_fuse_zero():
+    # As test_one_image, with the image rows kept: only the dropped flags change.
+    dropped, compressed, g, following = run_plan([[(3, 4)]], 2, [(0, 10)], keep_image_rows=True)
+    assert dropped == [False] * 10
+    assert compressed == [-1, -1, -1, -1, -1, 0, -1, -1, -1, -1]
+    assert g == [-1, -1, -1, -1, -1, -1, 0, 0, 0, 0]
+    assert following == [0]
+
+
+def test_kept_image_rows_between_two_images_fuse_zero_not_the_first_image():
+    # A at 2..4 (rows 1..3), B at 7..9 (rows 6..8): B's kept rows 6, 7 fuse zero, not A's g.
+    dropped, compressed, g, _ = run_plan([[(2, 3), (7, 3)]], 2, [(0, 11)], keep_image_rows=True)
+    assert dropped == [False] * 11
+    assert compressed == [-1, -1, -1, 0, -1, -1, -1, -1, 1, -1, -1]
+    assert g == [-1, -1, -1, -1, 0, 0, -1, -1, -1, 1, 1]
+
+
+def test_one_query_keeping_image_rows_drops_nothing():
+    assert run_plan([[(2, 3)]], 1, [(0, 6)], keep_image_rows=True) == ([False] * 6, [-1] * 6,
+                                                                       [-1, -1, -1, -1, 0, 0], [0])
+
+
 def test_empty_batch_and_bad_input():
     assert run_plan([], 2, []) == ([], [], [], [])
     with pytest.raises(ValueError, match="num_q"):
@@ -145,8 +172,9 @@ def test_empty_batch_and_bad_input():
 
 # -- against the naive reference ----------------------------------------------------------------
 
-@pytest.mark.parametrize("num_q", [2, 5])
-def test_mixed_batch(num_q):
+@pytest.mark.parametrize("keep_image_rows", [False, True])
+@pytest.mark.parametrize("num_q", [1, 2, 5])
+def test_mixed_batch(num_q, keep_image_rows):
     images = [
         [(3, 6)],                  # prefill of a one-image prompt
         [],                        # text only
@@ -156,12 +184,14 @@ def test_mixed_batch(num_q):
         [(4, 4)],                  # a chunk that ends inside the image
     ]
     windows = [(0, 12), (0, 5), (0, 24), (50, 54), (15, 28), (0, 6)]
-    check(images, num_q, windows)
-    check(images, num_q, windows, order=[6, 1, 0, 3, 2, 5, 4, 7])  # spans handed over in another order
+    check(images, num_q, windows, keep_image_rows=keep_image_rows)
+    # spans handed over in another order
+    check(images, num_q, windows, order=[6, 1, 0, 3, 2, 5, 4, 7], keep_image_rows=keep_image_rows)
 
 
+@pytest.mark.parametrize("keep_image_rows", [False, True])
 @pytest.mark.parametrize("num_q", [1, 2, 3, 5])
-def test_random_batches(num_q):
+def test_random_batches(num_q, keep_image_rows):
     rng = random.Random(num_q)
     for _ in range(200):
         images, windows = [], []
@@ -175,4 +205,4 @@ def test_random_batches(num_q):
             windows.append((start, start + rng.randint(0, 12)))
             images.append(request_images)
         flat = sum(len(i) for i in images)
-        check(images, num_q, windows, order=rng.sample(range(flat), flat))
+        check(images, num_q, windows, order=rng.sample(range(flat), flat), keep_image_rows=keep_image_rows)

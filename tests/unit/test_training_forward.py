@@ -4,8 +4,12 @@ a prompt, a generated answer):
 - the training forward equals the served draft's, as the independent reference draft
   (tests/vispec_reference.py, which the engine tests hold the plugin's proposals to) computes it
   from the checkpoint training writes: dropped rows, compressed rows, g on later rows; with and
-  without the fc/img_fc biases, for several adaptor queries, and for the EAGLE draft that drops
-  image rows (written in the ViSpec layout with one query);
+  without the fc/img_fc biases, for several adaptor queries, for the EAGLE draft that drops
+  image rows (written in the ViSpec layout with one query) and for the ViSpec draft that keeps
+  them (its config.json says so);
+- the served draft's own pieces (the validator's draft config, the row plan, `compress_image`,
+  the row buffers and the draft body's forward after `fold_img_fc`) give every row the layer input
+  training gives it, and drop the rows training drops, for ViSpec and both ablations;
 - one stage-2 step trains the adaptor and the g half of img_fc; zeroing g, or the adaptor, changes
   the stage-2 loss;
 - each ablation flag changes only what it names;
@@ -17,12 +21,18 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 from vispec_reference import ReferenceViSpecDraft
 
+from vispec_vllm.checkpoint import load_checkpoint_description
+from vispec_vllm.checkpoint_format import KEEP_IMAGE_ROWS_KEY
+from vispec_vllm.draft_model import ViSpecDraftBody, ViSpecDraftModel
+from vispec_vllm.row_plan import ImageSpan, plan_rows
 from vispec_vllm.target_checkpoint import TargetCheckpoint
 from vispec_vllm.training import train
 from vispec_vllm.training.data import write_shard
@@ -34,6 +44,7 @@ from vispec_vllm.training.train import (
     save_draft,
     train_draft,
 )
+from vispec_vllm.vision_adaptor import ViSpecVisionAdaptor
 
 HIDDEN, HEADS, INTERMEDIATE, VOCAB = 32, 2, 64, 40
 IMAGE_TOKEN = VOCAB - 1
@@ -124,6 +135,7 @@ def test_training_forward_equals_the_served_draft(target, tmp_path, num_q, fc_bi
     assert torch.equal(positions, torch.arange(LENGTH - 1)[kept])
     torch.testing.assert_close(out[kept], expected, rtol=1e-3, atol=1e-4)
     assert not out[~kept].any()
+    assert KEEP_IMAGE_ROWS_KEY not in json.loads((tmp_path / "config.json").read_text())  # the published config
 
 
 def test_eagle_draft_dropping_image_rows_is_served_as_a_one_query_vispec_draft(target, tmp_path):
@@ -131,6 +143,8 @@ def test_eagle_draft_dropping_image_rows_is_served_as_a_one_query_vispec_draft(t
     model = build_training_draft(target, cfg)
     randomise(model, keep_img_fc=True)  # stage 1 never trains img_fc: it stays [I | 0]
     save_draft(model, tmp_path, target.draft_dims, target.family, cfg)
+    checkpoint = load_checkpoint_description(str(tmp_path))  # the validator serves it
+    assert checkpoint.dims.num_q == 1 and not checkpoint.keep_image_rows
     record = make_record()
     with torch.no_grad():
         out, kept = model(record["hidden_states"], record, cfg.uses_vision, cfg.drops_image_rows)
@@ -138,6 +152,99 @@ def test_eagle_draft_dropping_image_rows_is_served_as_a_one_query_vispec_draft(t
     positions, expected = reference_outputs(tmp_path, target, record)
     assert torch.equal(positions, torch.arange(LENGTH - 1)[kept])
     torch.testing.assert_close(out[kept], expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_q", [2, 3])
+def test_vispec_draft_keeping_image_rows_is_served_keeping_them(target, tmp_path, num_q):
+    cfg = TrainConfig(stage=2, num_q=num_q, keep_image_rows=True)
+    model = build_training_draft(target, cfg)
+    randomise(model)
+    save_draft(model, tmp_path, target.draft_dims, target.family, cfg)
+    assert json.loads((tmp_path / "config.json").read_text())[KEEP_IMAGE_ROWS_KEY] is True
+    checkpoint = load_checkpoint_description(str(tmp_path))
+    assert checkpoint.keep_image_rows and checkpoint.dims.num_q == num_q
+    record = make_record()
+    with torch.no_grad():
+        out, kept = model(record["hidden_states"], record, cfg.uses_vision, cfg.drops_image_rows)
+    assert kept.all()
+    positions, expected = reference_outputs(tmp_path, target, record)
+    assert torch.equal(positions, torch.arange(LENGTH - 1))
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
+
+
+class LayerInput(nn.Module):
+    """Stands in for the served layer 0: hands back its input rows and dropped flags."""
+
+    def forward(self, positions, layer_input, is_dropped_row):
+        return layer_input, is_dropped_row
+
+
+class ServedBody(nn.Module):
+    """`ViSpecDraftBody.forward` over plain torch layers holding the checkpoint's weights."""
+
+    forward = ViSpecDraftBody.forward
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        has_bias = "fc.bias" in weights
+        self.fc, self.img_fc = (nn.Linear(2 * HIDDEN, HIDDEN, bias=has_bias) for _ in range(2))
+        self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        for name, module in (("fc", self.fc), ("img_fc", self.img_fc), ("embed_tokens", self.embed_tokens)):
+            module.load_state_dict({key.removeprefix(f"{name}."): value for key, value in weights.items()
+                                    if key.startswith(f"{name}.")})
+        self.layers = nn.ModuleList([LayerInput()])
+
+
+@torch.no_grad()
+def served_first_pass(draft_dir: Path, record: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer input, dropped flag) of every row of the record as the served draft builds them in one
+    prefill pass: the validator's draft config, the row plan, the adaptor's compressed state per
+    image, the row buffers and the body's forward, as ViSpecProposer and ViSpecDraftModel run them."""
+    vispec = load_checkpoint_description(str(draft_dir)).vispec_draft_config(None, adaptive_schedule=False)
+    weights = load_file(draft_dir / "model.safetensors")
+    rows = LENGTH - 1
+    imadpt = ViSpecVisionAdaptor(HIDDEN, HEADS, HIDDEN // HEADS, vispec.num_q, qkv_bias=False)
+    imadpt.load_state_dict({key.removeprefix("imadpt."): value for key, value in weights.items()
+                            if key.startswith("imadpt.")})
+    draft = SimpleNamespace(
+        model=ServedBody(weights), hidden_size=HIDDEN, imadpt=imadpt, num_q=vispec.num_q,
+        keep_image_rows=vispec.keep_image_rows, global_image_projection=torch.zeros(HIDDEN, HIDDEN),
+        global_image_term=torch.zeros(rows, HIDDEN), compressed_token=torch.zeros(rows, HIDDEN),
+        is_compressed_row=torch.zeros(rows, dtype=torch.bool), is_dropped_row=torch.zeros(rows, dtype=torch.bool))
+    for method in ("fold_img_fc", "compress_image", "set_planned_rows"):
+        setattr(draft, method, MethodType(getattr(ViSpecDraftModel, method), draft))
+    draft.fold_img_fc()
+    images = [ImageSpan(offset, length) for offset, length in IMAGES]
+    plan = plan_rows(images, draft.num_q, torch.tensor([0, rows]), torch.tensor([0]),
+                     keep_image_rows=draft.keep_image_rows)
+    compressed = [draft.compress_image(record["inputs_embeds"][i.offset:i.offset + i.length]) for i in images]
+    assert all(tokens.shape == (vispec.num_q - 1, HIDDEN) for tokens, _ in compressed)
+    zero = torch.zeros(HIDDEN)  # index -1 of both tables: no image
+    global_image_terms = torch.stack([term for _, term in compressed] + [zero])
+    compressed_tokens = torch.cat([tokens for tokens, _ in compressed] + [zero[None]])
+    draft.set_planned_rows(global_image_terms[plan.global_feature_source], plan.is_dropped, plan.compressed_index,
+                           compressed_tokens)
+    (layer_input, dropped), _ = ViSpecDraftModel.forward(draft, record["input_ids"][1:], torch.arange(rows),
+                                                         record["hidden_states"][:rows])
+    return layer_input, dropped
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(TrainConfig(stage=2), id="vispec"),
+    pytest.param(TrainConfig(stage=2, fc_bias=True, num_q=3), id="vispec-bias-q3"),
+    pytest.param(TrainConfig(stage=2, keep_image_rows=True), id="vispec-keep"),
+    pytest.param(TrainConfig(stage=1, drop_image_rows=True), id="eagle-drop"),
+])
+def test_served_rows_are_the_training_rows(target, tmp_path, cfg):
+    model = build_training_draft(target, cfg)
+    randomise(model, keep_img_fc=not cfg.uses_vision)  # stage 1 never trains img_fc: it stays [I | 0]
+    save_draft(model, tmp_path, target.draft_dims, target.family, cfg)
+    record = make_record()
+    training_input, kept = row_inputs(model, cfg, record)
+    served_input, dropped = served_first_pass(tmp_path, record)
+    assert torch.equal(dropped, ~kept)
+    # Equal up to the float32 rounding of the fold (docs/method.md §6.9).
+    torch.testing.assert_close(served_input[kept], training_input[kept], rtol=1e-5, atol=1e-5)
 
 
 def test_one_stage2_step_trains_the_adaptor_and_the_g_half_of_img_fc(target):

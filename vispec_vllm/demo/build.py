@@ -13,10 +13,12 @@ experiment compares (`python -m vispec_vllm.demo.build WORK --recipe NAME --targ
    in every half (linear warm-up over its first 1/epochs, then linear decay) and the same peak lr:
    - vispec:            stage 1 (EAGLE-style) on `generated`, then stage 2 (ViSpec) on `generated`,
    - vispec-no-adaptor: the same with the adaptor held at zero (ablation),
-   - vispec-keep:       the same with every image row kept (ablation: adaptor and g, no dropping),
+   - vispec-keep:       the same with every image row kept (ablation: adaptor and g, no dropping;
+                        its config.json says `vispec_keep_image_rows`, served so),
    - eagle:             stage 1 on `generated` in both halves (the same data as ViSpec, no adaptor),
    - eagle-drop:        eagle with every image row dropped (ablation: the image reaches it only
-                        through the target's hidden states at text rows),
+                        through the target's hidden states at text rows; a ViSpec checkpoint
+                        with one adaptor query and img_fc = [I | 0], served as ViSpec),
    - eagle-text:        stage 1 on `text` in both halves: no image data at all (the paper's EAGLE-2
                         analogue),
    - eagle-captions:    eagle-text, whose last `caption_fraction` of the budget is a fine-tune on
@@ -53,15 +55,9 @@ VARIANTS = {
     "vispec-reg": {"hidden_regression": True},
 }
 STAGE1_OPTIONS = ("fc_bias",)
-# How vLLM serves each kind: stage-1 checkpoints as plain EAGLE (method "eagle"), the rest as ViSpec.
+# How vLLM serves each kind: checkpoints in the EAGLE layout as plain EAGLE (method "eagle"), the
+# rest as ViSpec (eagle-drop's stage-1 checkpoint included: it is in the ViSpec layout, num_q = 1).
 EAGLE_LAYOUT_KINDS = ("eagle", "eagle-text", "eagle-captions")
-# Trained for the experiment, but not servable by the plugin yet, and why.
-NOT_YET_SERVABLE = {
-    "eagle-drop": "its checkpoint is a ViSpec one with num_q = 1 (every image row dropped, img_fc = [I | 0]); "
-                  "the checkpoint validator accepts num_q >= 2 only",
-    "vispec-keep": "the proposer drops image rows by the row plan; keeping them needs a draft-config option "
-                   "that leaves is_dropped_row all false",
-}
 DONE_MARKER = "trained.done"
 TRAINING_CONFIG = "training_config.json"
 
@@ -163,6 +159,7 @@ def build_records_apart(recipe: TargetRecipe, target: Path, work: Path) -> dict[
 def train_once(target: Path, data: Path, out: Path, cfg, init: Path | None = None) -> Path:
     """Train one run into `out` unless it finished before under the same config (a marker is
     written last); a run finished under another config is an error, never silently reused."""
+    from vispec_vllm.checkpoint_format import CONFIG_FILE, KEEP_IMAGE_ROWS_KEY, keeps_image_rows
     from vispec_vllm.training.train import train_draft
 
     requested = json.loads(json.dumps(asdict(cfg)))
@@ -173,6 +170,10 @@ def train_once(target: Path, data: Path, out: Path, cfg, init: Path | None = Non
                              if requested.get(k) != trained_with.get(k))
             raise RuntimeError(f"{out} was trained with another config ({', '.join(changed)} differ); "
                                "remove it or use a fresh work directory")
+        if cfg.keep_image_rows and not keeps_image_rows(json.loads((out / CONFIG_FILE).read_text())):
+            # Written before training marked such drafts: served, it would drop the rows it kept.
+            raise RuntimeError(f"{out} keeps image rows but its {CONFIG_FILE} lacks {KEEP_IMAGE_ROWS_KEY}: "
+                               "remove it and train it again")
         return out
     train_draft(target, data, out, cfg, init_dir=init)
     (out / DONE_MARKER).write_text("")

@@ -9,7 +9,8 @@ run under `torchrun` with DistributedDataParallel (gloo on CPU, nccl on GPU).
 Ablations, each changing one thing (off by default):
 - `zero_adaptor` (stage 2): the adaptor's output is held at zero: no compressed tokens, g = 0;
 - `keep_image_rows` (stage 2): no image row is dropped; the rows ViSpec drops become EAGLE rows
-  (fc([e ; img_fc([h ; 0])])), the compressed rows and g stay;
+  (fc([e ; img_fc([h ; 0])])), the compressed rows and g stay (the row plan with `keep_image_rows`).
+  Its checkpoint's config.json says so (`vispec_keep_image_rows`), and the plugin serves it that way;
 - `drop_image_rows` (stage 1): every image row is dropped, so the EAGLE draft sees the image only
   through the target's hidden states at text rows. Its checkpoint is in the ViSpec layout with one
   adaptor query (no compressed token) and img_fc left at [I | 0], which is exactly that draft under
@@ -199,23 +200,23 @@ class ViSpecTrainingDraft(nn.Module):
         use_vision=False is the plain EAGLE draft (stage 1): every row is a text row, z = fc([e ; h]).
         use_vision=True is ViSpec: the row plan (docs/method.md §3) says which rows hold compressed
         tokens, which are dropped, and which image's g each text row fuses. drop_image_rows=False
-        keeps the rows the plan drops (as text rows fusing no g); in stage 1, True drops every image row.
+        plans with `keep_image_rows` (the rows the plan drops stay, as text rows fusing no g), as the
+        served draft does when its config says so; in stage 1, True drops every image row.
         """
         ids = record["input_ids"]
         rows = len(ids) - 1
         next_embeds = self.embed_tokens(ids[1:])
         spans = image_spans(record["image_mask"])
-        every_row = torch.ones(rows, dtype=torch.bool)
         # The row plan over the whole sequence (one window [0, rows)), shared with the runtime proposer.
         window = torch.tensor([0, rows]), torch.tensor([0])
         if not use_vision:
             layer_inputs = self.fc(torch.cat([next_embeds, hidden[:rows]], -1))
             if not drop_image_rows:
-                return layer_inputs, every_row
+                return layer_inputs, torch.ones(rows, dtype=torch.bool)
             return layer_inputs, ~plan_rows(spans, 1, *window).is_dropped  # one query: no compressed row
         embeds = record["inputs_embeds"].float()
         adapted = [self.imadpt(embeds[span.offset:span.offset + span.length]) for span in spans]
-        plan = plan_rows(spans, self.imadpt.num_q, *window)
+        plan = plan_rows(spans, self.imadpt.num_q, *window, keep_image_rows=not drop_image_rows)
         zero = hidden.new_zeros(1, hidden.shape[-1])  # index -1 of both tables: no image
         global_features = torch.cat([a[-1:] for a in adapted] + [zero])
         compressed_tokens = torch.cat([a[:-1] for a in adapted] + [zero])
@@ -223,7 +224,7 @@ class ViSpecTrainingDraft(nn.Module):
         layer_inputs = self.fc(torch.cat([next_embeds, fused], -1))
         layer_inputs = torch.where((plan.compressed_index >= 0)[:, None], compressed_tokens[plan.compressed_index],
                                    layer_inputs)
-        return layer_inputs, (~plan.is_dropped if drop_image_rows else every_row)
+        return layer_inputs, ~plan.is_dropped
 
     def forward(self, hidden: torch.Tensor, record: dict[str, torch.Tensor], use_vision: bool,
                 drop_image_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +338,8 @@ def build_training_draft(target: TargetCheckpoint, cfg: TrainConfig, init_dir: s
 
 def save_draft(model: ViSpecTrainingDraft, out_dir: Path, dims: DraftDims, family: str, cfg: TrainConfig) -> None:
     """The published format (vispec_vllm/checkpoint_format.py); a plain stage-1 draft holds only the
-    EAGLE part, which vLLM serves as plain EAGLE."""
+    EAGLE part, which vLLM serves as plain EAGLE. A stage-2 draft that keeps its image rows says so
+    in its config.json, so the plugin plans its rows as training did."""
     out_dir.mkdir(parents=True, exist_ok=True)
     published = replace(dims, num_q=model.imadpt.num_q, has_bias=cfg.fc_bias)
     eagle_layout = not cfg.uses_vision and not cfg.drops_image_rows
@@ -345,7 +347,8 @@ def save_draft(model: ViSpecTrainingDraft, out_dir: Path, dims: DraftDims, famil
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
     if set(state) != set(names):
         raise RuntimeError(f"training draft lacks published weights: {sorted(set(names) - set(state))}")
-    (out_dir / CONFIG_FILE).write_text(json.dumps(draft_config(published, family), indent=2) + "\n")
+    config = draft_config(published, family, keep_image_rows=cfg.keep_image_rows)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, out_dir / WEIGHT_FILES[0], metadata={"format": "pt"})
     (out_dir / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
