@@ -173,6 +173,61 @@ def bench(client, server, dataset: Path, concurrency: int, prompts: int, output_
     return result
 
 
+def speculation_setups(vispec: Path, eagle: str, k: int) -> dict[str, tuple[str, bool, list[str], dict[str, str]]]:
+    """Set-up name -> (mode, adaptive, `vllm serve` arguments beyond SERVER_ARGS, environment of the
+    server process), for the ViSpec draft `vispec` and the plain EAGLE draft `eagle` at K=`k`."""
+    vispec_config = ["--speculative-config", json.dumps({"model": str(vispec), "num_speculative_tokens": k})]
+    eagle_config = ["--speculative-config", json.dumps({"method": "eagle", "model": eagle,
+                                                        "num_speculative_tokens": k})]
+    return {"none": ("none", False, [], {}),
+            "vispec": ("vispec", True, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "1"}),
+            "vispec-fixed": ("vispec", False, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "0"}),
+            "eagle": ("eagle", False, eagle_config, {})}
+
+
+def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[list[str], dict[str, str]]],
+                    started: float) -> dict[tuple[str, int], list[dict]]:
+    """Start the servers (name -> (serve arguments, environment)) side by side on `args.target`, give
+    each a warm-up run, then run `args.repeats` repeats in which every server runs once at each of
+    `args.concurrency`, in an order rotated from repeat to repeat, on held-out scenes new to every
+    repeat and the same for every server within it. Returns (name, concurrency) -> `bench` results,
+    one per repeat. Reads args.target, image_tokens, seed, warmup_prompts, concurrency,
+    prompts_per_concurrency, output_len and repeats."""
+    runs = list(servers_to_start)
+    client = bench_client()
+    scene_index = 0
+
+    def next_scenes(count: int) -> list[int]:
+        nonlocal scene_index
+        seeds = [held_out_scene_seed(scene_index + i, args.seed) for i in range(count)]
+        scene_index += count
+        return seeds
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers_running:
+        tmp = Path(tmp)
+        servers = start_servers(servers_running, servers_to_start, args.target, tmp)
+        print(f"{len(servers)} servers up after {time.monotonic() - started:.0f} s", flush=True)
+        warmup = write_dataset(tmp / "warmup.jsonl", tmp / "images", next_scenes(args.warmup_prompts),
+                               args.image_tokens)
+        for name in runs:
+            bench(client, servers[name], warmup, min(4, args.warmup_prompts), args.warmup_prompts, args.output_len)
+        results = {(name, c): [] for name in runs for c in args.concurrency}
+        for repeat in range(args.repeats):
+            order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]
+            for concurrency in args.concurrency:
+                prompts = num_prompts(args.prompts_per_concurrency, concurrency)
+                dataset = write_dataset(tmp / f"c{concurrency}-r{repeat}.jsonl", tmp / "images", next_scenes(prompts),
+                                        args.image_tokens)
+                for name in order:
+                    result = bench(client, servers[name], dataset, concurrency, prompts, args.output_len)
+                    results[(name, concurrency)].append(result)
+                    print(f"repeat {repeat + 1}/{args.repeats} {name:12s} c={concurrency:3d}: "
+                          f"{result['output_throughput']:8.1f} tok/s, ITL p50 {result['median_itl_ms']:.1f} ms, "
+                          f"engine batch {result['mean_running_requests'] or 0:.1f} "
+                          f"({format_duration(time.monotonic() - started)} elapsed)", flush=True)
+    return results
+
+
 def per_repeat_values(result: dict) -> dict:
     drafts = result.get("spec_decode_num_drafts")
     return {"output_tok_s": result["output_throughput"], "ttft_ms_p50": result["median_ttft_ms"],
@@ -322,14 +377,7 @@ def main() -> None:
         return
 
     k = args.num_speculative_tokens
-    vispec_config = ["--speculative-config", json.dumps({"model": str(args.vispec), "num_speculative_tokens": k})]
-    eagle_config = ["--speculative-config", json.dumps({"method": "eagle", "model": args.eagle,
-                                                        "num_speculative_tokens": k})]
-    # name -> (mode, adaptive, serve args, environment of the server process)
-    server_setups = {"none": ("none", False, [], {}),
-                     "vispec": ("vispec", True, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "1"}),
-                     "vispec-fixed": ("vispec", False, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "0"}),
-                     "eagle": ("eagle", False, eagle_config, {})}
+    server_setups = speculation_setups(args.vispec, args.eagle, k)
     report = {"machine": machine_description(), "target": args.target.name, "draft": args.vispec.name,
               "image_tokens": args.image_tokens,
               "num_speculative_tokens": k, "repeats": args.repeats, "output_len": args.output_len,
@@ -344,38 +392,8 @@ def main() -> None:
                         "a running request, zeros included",
               "runs": []}
     started = time.monotonic()
-    client = bench_client()
-    scene_index = 0
-
-    def next_scenes(count: int) -> list[int]:
-        nonlocal scene_index
-        seeds = [held_out_scene_seed(scene_index + i, args.seed) for i in range(count)]
-        scene_index += count
-        return seeds
-
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers_running:
-        tmp = Path(tmp)
-        servers = start_servers(servers_running, {name: (SERVER_ARGS + server_setups[name][2], server_setups[name][3])
-                                                  for name in runs}, args.target, tmp)
-        print(f"{len(servers)} servers up after {time.monotonic() - started:.0f} s", flush=True)
-        warmup = write_dataset(tmp / "warmup.jsonl", tmp / "images", next_scenes(args.warmup_prompts),
-                               args.image_tokens)
-        for name in runs:
-            bench(client, servers[name], warmup, min(4, args.warmup_prompts), args.warmup_prompts, args.output_len)
-        results = {(name, c): [] for name in runs for c in args.concurrency}
-        for repeat in range(args.repeats):
-            order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]
-            for concurrency in args.concurrency:
-                prompts = num_prompts(args.prompts_per_concurrency, concurrency)
-                dataset = write_dataset(tmp / f"c{concurrency}-r{repeat}.jsonl", tmp / "images", next_scenes(prompts),
-                                        args.image_tokens)
-                for name in order:
-                    result = bench(client, servers[name], dataset, concurrency, prompts, args.output_len)
-                    results[(name, concurrency)].append(result)
-                    print(f"repeat {repeat + 1}/{args.repeats} {name:12s} c={concurrency:3d}: "
-                          f"{result['output_throughput']:8.1f} tok/s, engine batch "
-                          f"{result['mean_running_requests'] or 0:.1f} "
-                          f"({format_duration(time.monotonic() - started)} elapsed)", flush=True)
+    results = run_interleaved(args, {name: (SERVER_ARGS + server_setups[name][2], server_setups[name][3])
+                                     for name in runs}, started)
     for name in runs:
         mode, adaptive, _, _ = server_setups[name]
         for concurrency in args.concurrency:

@@ -123,3 +123,47 @@ def test_cost_model_report_against_committed_measurements(tmp_path):
                                                       "qwen2.5-vl-3b", "qwen2.5-vl-7b")}
     assert all(r["none_tok_s"] > 0 and r["vispec_tok_s"] > 0 for r in predictions)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.engine
+def test_step_cost_forward_smoke(tmp_path):
+    # Both drafts' vLLM modules at tiny widths, eager and compiled (Inductor), float32 and bf16.
+    out = tmp_path / "step_cost.json"
+    run("step_cost.py", "--smoke", "--part", "micro", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["machine"] and "--smoke" in report["command"] and report["num_speculative_tokens"] == 3
+    sets = {row_set["name"]: row_set for row_set in report["micro"]["row_sets"]}
+    assert set(sets) == {"prefill", "decode-chain-b1", "decode-chain-b2", "decode-first-pass-b1",
+                         "decode-first-pass-b2"}
+    rows = report["rows"]
+    assert {(r["mode"], r["dtype"], r["rows"]) for r in rows} == {
+        (m, d, s) for m in ("eager", "compiled") for d in ("float32", "bfloat16") for s in sets}
+    for row in rows:
+        row_set = sets[row["rows"]]
+        assert row["part"] == "micro" and row["forwards"] == 2
+        assert row["num_rows"] == row_set["requests"] * row_set["rows_per_request"]
+        assert (row["compilation"] is None) == (row["mode"] == "eager")
+        # The ViSpec attention carries the key-mask channel, padded to the CPU backend's next head size.
+        assert (row["eagle_head_size"], row["vispec_head_size"]) == (32, 64)
+        for draft in ("vispec", "eagle"):
+            assert 0 < row[f"{draft}_ms_min"] <= row[f"{draft}_ms"] <= row[f"{draft}_ms_max"]
+        assert row["ratio"] == pytest.approx(row["vispec_ms"] / row["eagle_ms"])
+    assert sets["prefill"]["rows_per_request"] == 16 + 8 and sets["decode-first-pass-b2"]["rows_per_request"] == 4
+
+
+@pytest.mark.server
+def test_step_cost_itl_smoke(tmp_path):
+    out = tmp_path / "step_cost.json"
+    run("step_cost.py", "--smoke", "--part", "itl", "--modes", "eager", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["itl"]["target"] == "scene-llava" and report["itl"]["eagle"] == "scene-llava-eagle"
+    (row,) = report["rows"]
+    assert (row["part"], row["mode"], row["concurrency"], row["repeats"]) == ("itl", "eager", 2, 2)
+    assert "--enforce-eager" in row["server_args"]
+    for draft in ("vispec", "eagle"):
+        repeats = sorted(row[f"{draft}_itl_ms_p50_repeats"])
+        assert len(repeats) == 2 and repeats[0] > 0
+        # The row's ITL is the median of its repeats, with their min and max.
+        assert row[f"{draft}_itl_ms_p50"] == pytest.approx(sum(repeats) / 2)
+        assert (row[f"{draft}_itl_ms_p50_min"], row[f"{draft}_itl_ms_p50_max"]) == (repeats[0], repeats[1])
+    assert row["ratio"] == pytest.approx(row["vispec_itl_ms_p50"] / row["eagle_itl_ms_p50"])
