@@ -1,9 +1,9 @@
 """How correctly a shipped demo target describes held-out scenes.
 
-    python benchmarks/description_accuracy.py --image-tokens 576   # writes description_accuracy_576.json
+    python benchmarks/description_accuracy.py --image-tokens 576   # the default pair's target, scene-llava-deep:
+                                                   # writes description_accuracy_scene-llava-deep.json
     python benchmarks/description_accuracy.py --image-tokens 36    # writes description_accuracy.json
-    python benchmarks/description_accuracy.py --recipe scene-llava-deep --target DIR
-                                               # writes description_accuracy_scene-llava-deep.json
+    python benchmarks/description_accuracy.py --recipe NAME --target DIR   # any recipe's target
 
 For each of the first N held-out scenes, the target's greedy description (Hugging Face
 transformers, float32, up to the target's longest answer) is correct when the colour-shape pairs it
@@ -21,7 +21,11 @@ from pathlib import Path
 
 from common import RESULTS, machine_description, write_json
 
-OUT = {36: RESULTS / "description_accuracy.json", 576: RESULTS / "description_accuracy_576.json"}
+
+def default_out(recipe_name: str) -> Path:
+    """description_accuracy.json for the 36-token target (its first artefact's name), else named by recipe."""
+    return RESULTS / ("description_accuracy.json" if recipe_name == "scene-llava"
+                      else f"description_accuracy_{recipe_name}.json")
 
 
 def main() -> None:
@@ -38,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = RECIPES_BY_NAME[args.recipe] if args.recipe else RECIPES[args.image_tokens]
     target = args.target or DEMO_PAIRS[recipe.num_image_tokens][0]
-    out = args.out or (RESULTS / f"description_accuracy_{args.recipe}.json" if args.recipe else OUT[args.image_tokens])
+    out = args.out or default_out(recipe.name)
     scenes_module = recipe.scenes
     per_object = hasattr(scenes_module, "objects_described_correctly")
 

