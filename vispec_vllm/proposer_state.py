@@ -172,30 +172,36 @@ class ViSpecProposerState:
             self.missing_image_warned = True
 
     def sync_batch(self, req_ids: list[str], requests: Mapping) -> None:
-        """Re-derive the per-row state if the input batch's requests or their order changed."""
-        if req_ids == self.batch_req_ids:
+        """Re-derive the per-row state of the rows whose request changed (a request joined, left or
+        moved: vLLM fills holes and condenses, so on a step with prefill rows most rows keep theirs).
+        A row that keeps its request keeps its state: its settled position and g are the request's,
+        and an unsettled row is planned on every step, which rewrites its g."""
+        previous = self.batch_req_ids
+        if req_ids == previous:
             return
         self.batch_req_ids = list(req_ids)
         for req_id in [r for r in self.settled if r not in requests]:
             del self.settled[req_id]
-        num_rows = len(req_ids)
-        self.settled_from[:num_rows] = NOT_SETTLED
-        self.decode_global_image_term[:num_rows].zero_()
+        changed = [row for row, req_id in enumerate(req_ids) if row >= len(previous) or previous[row] != req_id]
         settled_rows, features = [], []
-        for row, req_id in enumerate(req_ids):
+        for row in changed:
+            req_id = req_ids[row]
             entry = self.settled.get(req_id)
             if entry is not None:
                 self.settled_from[row] = entry.from_position
                 settled_rows.append(row)
                 features.append(entry.global_image_term)
-            elif not request_image_spans(requests[req_id].mm_features):
-                self.settled_from[row] = 0  # text only: every row fuses zero
+                continue
+            # text only: every row fuses zero, from position 0
+            self.settled_from[row] = NOT_SETTLED if request_image_spans(requests[req_id].mm_features) else 0
+            self.decode_global_image_term[row].zero_()
         if settled_rows:
             self.decode_global_image_term[settled_rows] = torch.stack(features)
 
     def settle(self, row: int, req_id: str, from_position: int, global_image_term: torch.Tensor) -> None:
         self.settled[req_id] = SettledRequest(from_position, global_image_term.clone())
         self.settled_from[row] = from_position
+        self.decode_global_image_term[row] = global_image_term
 
     def take_new_image_state_misses(self) -> int:
         new = self.image_state_misses - self.reported_image_state_misses

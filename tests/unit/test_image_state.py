@@ -100,6 +100,16 @@ def test_batch_rows_follow_the_input_batch():
     rows.sync_batch(["r1", "r2", "r3"], requests)
     assert rows.settled_from[:3].tolist() == [NOT_SETTLED, 0, NOT_SETTLED]  # text only: settled from 0
     rows.settle(2, "r3", 6, torch.full((HIDDEN,), 7.0))
+    # A request joins at the end: the rows that keep their request keep their state.
+    requests["r4"] = with_image
+    rows.sync_batch(["r1", "r2", "r3", "r4"], requests)
+    assert rows.settled_from[:4].tolist() == [NOT_SETTLED, 0, 6, NOT_SETTLED]
+    assert torch.equal(rows.decode_global_image_term[2], torch.full((HIDDEN,), 7.0))
+    # A text-only request takes the row of a settled one: its row fuses zero from position 0.
+    requests["r5"] = text_only
+    rows.sync_batch(["r1", "r2", "r5", "r4"], requests)
+    assert rows.settled_from[2] == 0 and not rows.decode_global_image_term[2].any()
+    rows.sync_batch(["r1", "r2", "r3"], requests)
     # The batch reorders (vLLM's condense / swap): r3 moves to row 0 and keeps its g.
     rows.sync_batch(["r3", "r1"], requests)
     assert rows.settled_from[:2].tolist() == [6, NOT_SETTLED]
