@@ -111,15 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--mtp-steps", type=int, default=1)
     train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
-    build = sub.add_parser("build-demo", help="rebuild a demo target and its four drafts (576 tokens: about 90 min "
-                           "on 2 cores; resumable: run it again after an interruption)")
+    build = sub.add_parser("build-demo", help="rebuild a demo target and its vispec and eagle drafts (the default "
+                           "576-token pair: target 254 min, records 5 min, drafts 5 min on 2 cores; resumable: "
+                           "run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])
     build.add_argument("--recipe", choices=["scene-llava", "scene-llava-576", "scene-llava-deep"],
-                       help="a target recipe by name (overrides --image-tokens); scene-llava-deep: 16 decoder "
-                       "layers, 8,000 + 4,000 training steps (about 4 hours on 2 idle cores)")
+                       help="a target recipe by name (overrides --image-tokens; 576 is scene-llava-deep: 16 decoder "
+                       "layers, 8,000 + 4,000 training steps; scene-llava-576 is the earlier 4-layer target)")
     build.add_argument("--target-minutes", type=float, default=None,
-                       help="default: the recipe's (65 for 576, 12 for 36); scene-llava-deep trains to a "
+                       help="default: the recipe's (12 for 36, 65 for scene-llava-576); scene-llava-deep trains to a "
                        "step budget instead")
     args = parser.parse_args(argv)
     {"tiny-models": _tiny_models, "demo": _demo, "train": _train, "build-demo": _build_demo}[args.command](args)
