@@ -8,8 +8,9 @@ For each target it trains, per training seed, every draft kind and variant of
 `vispec_vllm.demo.build` with the same budget (optimiser steps, schedule shape, peak lr): `vispec`,
 `eagle` (EAGLE-style on the same target-generated data), `eagle-text` (text only, no image data),
 `eagle-captions` (eagle-text with a short caption fine-tune at a lower lr), the ablations
-`eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, and the `vispec-bias` variant (the published
-fc/img_fc biases). Then it measures in vLLM, for every draft at every K, on the same
+`eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, the diagnostic `eagle-text-drop` (eagle-text
+served with every image row dropped), and the `vispec-bias` variant (the published fc/img_fc
+biases). Then it measures in vLLM, for every draft at every K, on the same
 held-out prompts (at least 48 by default; layouts never trained on; two-image comparisons where the
 scenes have them), greedy, float32, in-process, with load-adaptive speculation off: vLLM's mean
 acceptance length (1 + accepted / drafts) and the acceptance rate at each speculative position
@@ -34,7 +35,8 @@ from common import RESULTS, machine_description, measure_acceptance_by_position,
 REPORT_K = 5
 DEFAULT_TARGETS = ("scene-llava-deep", "scene-llava")
 # What ViSpec is compared with, in the summary.
-BASELINES = ("eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor", "vispec-bias")
+BASELINES = ("eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor",
+             "eagle-text-drop", "vispec-bias")
 MIN_HELD_OUT_PROMPTS = 48
 
 

@@ -1,10 +1,11 @@
 """Sampling at temperature 1 with speculation draws from the target's own distribution.
 
 Greedy outputs cannot show a broken rejection sampler: they are exact with any draft. Sampled
-outputs can. On a held-out scene the demo target is sampled at T=1, 200 times without
-speculation and 200 times with it (K=3; other seeds, so the two samples are independent), and
-the first NUM_POSITIONS output tokens are compared: position 1 comes from the prefill step, the
-later ones from verify steps, i.e. through the rejection sampler.
+outputs can. On a held-out scene each demo pair's target (the 36-token pair and the deep default
+pair) is sampled at T=1, 200 times without speculation and 200 times with it (K=3; other seeds,
+so the two samples are independent), and the first NUM_POSITIONS output tokens are compared:
+position 1 comes from the prefill step, the later ones from verify steps, i.e. through the
+rejection sampler.
 
 The test, per draft: a chi-square test of homogeneity between the two samples, once for each
 output position p = 1..NUM_POSITIONS (the token at p) and once for the whole prefix of
@@ -34,8 +35,9 @@ import pytest
 import torch
 from conftest import engine_metrics, make_llm, shutdown_llm
 
-from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
+from vispec_vllm.demo.models import DEMO_PAIRS
 from vispec_vllm.demo.prompts import scene_prompts
+from vispec_vllm.demo.target import RECIPES
 
 pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("fixed_number_of_draft_tokens")]
 
@@ -81,14 +83,23 @@ def first_tokens(llm, prompt, seeds: range) -> list[tuple[int, ...]]:
     return [tuple(output.outputs[0].token_ids) for output in outputs]
 
 
-@pytest.fixture(scope="module")
-def prompt():
-    return scene_prompts(held_out=True)(0)
+# Image tokens per image of each demo pair the test samples (the 36-token pair and the deep default).
+PAIRS = sorted(DEMO_PAIRS)
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=[f"{tokens}-image-tokens" for tokens in PAIRS])
+def image_tokens(request) -> int:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def target_samples(prompt) -> list[tuple[int, ...]]:
-    llm = make_llm(DEMO_TARGET, limit_mm_per_prompt={"image": 1}, max_num_seqs=64)
+def prompt(image_tokens):
+    return scene_prompts(held_out=True, scenes=RECIPES[image_tokens].scenes)(0)
+
+
+@pytest.fixture(scope="module")
+def target_samples(image_tokens, prompt) -> list[tuple[int, ...]]:
+    llm = make_llm(DEMO_PAIRS[image_tokens][0], limit_mm_per_prompt={"image": 1}, max_num_seqs=64)
     try:
         return first_tokens(llm, prompt, TARGET_SEEDS)
     finally:
@@ -108,19 +119,22 @@ def test_the_homogeneity_test_separates_distributions():
 
 
 def test_the_target_alone_samples(target_samples):
-    # The premise: at T=1 the target draws several first tokens, so there is a distribution to compare.
-    _, degrees_of_freedom = homogeneity_p_value([tokens[0] for tokens in target_samples],
-                                                [tokens[0] for tokens in target_samples])
-    assert degrees_of_freedom >= 2
+    # The premise: at T=1 the target draws several first tokens and several prefixes, so there is a
+    # distribution to compare (the deep target's first token takes two values, its prefixes more).
+    first_token_df = homogeneity_p_value([tokens[0] for tokens in target_samples],
+                                         [tokens[0] for tokens in target_samples])[1]
+    prefix_df = homogeneity_p_value(target_samples, target_samples)[1]
+    assert first_token_df >= 1 and prefix_df >= 2
     assert all(len(tokens) == NUM_POSITIONS for tokens in target_samples)
 
 
 @pytest.mark.parametrize("draft", ["vispec", "eagle"])
-def test_sampled_tokens_with_speculation_follow_the_target_s_distribution(draft, prompt, target_samples):
-    speculative_config = {"model": str(DEMO_DRAFTS[draft]), "num_speculative_tokens": 3}
+def test_sampled_tokens_with_speculation_follow_the_target_s_distribution(draft, image_tokens, prompt, target_samples):
+    target, drafts = DEMO_PAIRS[image_tokens]
+    speculative_config = {"model": str(drafts[draft]), "num_speculative_tokens": 3}
     if draft == "eagle":
         speculative_config["method"] = "eagle"
-    llm = make_llm(DEMO_TARGET, limit_mm_per_prompt={"image": 1}, max_num_seqs=64, disable_log_stats=False,
+    llm = make_llm(target, limit_mm_per_prompt={"image": 1}, max_num_seqs=64, disable_log_stats=False,
                    speculative_config=speculative_config)
     try:
         samples = first_tokens(llm, prompt, SPECULATIVE_SEEDS)

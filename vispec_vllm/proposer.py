@@ -30,9 +30,9 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vispec_vllm.draft_model import EAGER_DRAFT_ENV, ViSpecDraftModel, eager_draft_forced
 from vispec_vllm.proposer_state import (
-    CompressedImage,
     ViSpecProposerState,
     image_state_capacity,
+    image_tables,
     request_image_spans,
 )
 from vispec_vllm.row_plan import ImageSpan, plan_rows
@@ -166,9 +166,5 @@ class ViSpecProposer(EagleProposer):
             used |= set((compressed[compressed >= 0] // num_compressed).unique().tolist())
         found = self.state.compressed_images({k: images[k].mm_hash for k in used if k >= 0},
                                              self.runner.encoder_cache, self.draft.compress_image)
-        zero = torch.zeros(self.hidden_size, dtype=self.dtype, device=self.device)
-        no_image = CompressedImage(torch.zeros(num_compressed, self.hidden_size, dtype=self.dtype, device=self.device),
-                                   zero)
-        tables = [found.get(k, no_image) for k in range(len(images))]
-        return (torch.stack([image.global_image_term for image in tables] + [zero]),
-                torch.cat([image.compressed_tokens for image in tables] + [zero[None]]))
+        return image_tables([found.get(k) for k in range(len(images))], num_compressed, self.hidden_size,
+                            self.dtype, self.device)

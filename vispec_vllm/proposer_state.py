@@ -89,6 +89,18 @@ class CompressedImage:
     global_image_term: torch.Tensor  # [H]: g as it enters a text row
 
 
+def image_tables(images: list[CompressedImage | None], num_compressed: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two tables the row plan indexes, for the images of one step in order: the global image
+    term of image k at row k, and its compressed tokens at rows k * num_compressed + j; each with a
+    zero last row (index -1: no image). An image without state (None) reads as zero."""
+    zero = torch.zeros(hidden_size, dtype=dtype, device=device)
+    no_image = CompressedImage(torch.zeros(num_compressed, hidden_size, dtype=dtype, device=device), zero)
+    tables = [no_image if image is None else image for image in images]
+    return (torch.stack([image.global_image_term for image in tables] + [zero]),
+            torch.cat([image.compressed_tokens for image in tables] + [zero[None]]))
+
+
 @dataclass
 class SettledRequest:
     """From token position `from_position` on, every row of the request fuses `global_image_term`."""

@@ -32,6 +32,7 @@ from vispec_reference import ReferenceViSpecDraft
 from vispec_vllm.checkpoint import load_checkpoint_description
 from vispec_vllm.checkpoint_format import KEEP_IMAGE_ROWS_KEY
 from vispec_vllm.draft_model import ViSpecDraftBody, ViSpecDraftModel
+from vispec_vllm.proposer_state import CompressedImage, image_tables
 from vispec_vllm.row_plan import ImageSpan, plan_rows
 from vispec_vllm.target_checkpoint import TargetCheckpoint
 from vispec_vllm.training import train
@@ -219,9 +220,9 @@ def served_first_pass(draft_dir: Path, record: dict[str, torch.Tensor]) -> tuple
                      keep_image_rows=draft.keep_image_rows)
     compressed = [draft.compress_image(record["inputs_embeds"][i.offset:i.offset + i.length]) for i in images]
     assert all(tokens.shape == (vispec.num_q - 1, HIDDEN) for tokens, _ in compressed)
-    zero = torch.zeros(HIDDEN)  # index -1 of both tables: no image
-    global_image_terms = torch.stack([term for _, term in compressed] + [zero])
-    compressed_tokens = torch.cat([tokens for tokens, _ in compressed] + [zero[None]])
+    global_image_terms, compressed_tokens = image_tables(
+        [CompressedImage(tokens, term) for tokens, term in compressed], vispec.num_q - 1, HIDDEN, torch.float32,
+        torch.device("cpu"))
     draft.set_planned_rows(global_image_terms[plan.global_feature_source], plan.is_dropped, plan.compressed_index,
                            compressed_tokens)
     (layer_input, dropped), _ = ViSpecDraftModel.forward(draft, record["input_ids"][1:], torch.arange(rows),

@@ -21,6 +21,9 @@ experiment compares (`python -m vispec_vllm.demo.build WORK --recipe NAME --targ
                         with one adaptor query and img_fc = [I | 0], served as ViSpec),
    - eagle-text:        stage 1 on `text` in both halves: no image data at all (the paper's EAGLE-2
                         analogue),
+   - eagle-text-drop:   eagle-text with every image row dropped (the text records have none, so it
+                        trains as eagle-text does), served so: a text-only draft that meets no image
+                        row at serving time either (diagnostic for eagle-text),
    - eagle-captions:    eagle-text, whose last `caption_fraction` of the budget is a fine-tune on
                         `captions` at the lower `caption_lr`;
    and the ViSpec training variants (`VARIANTS`), each with the same budget.
@@ -43,7 +46,8 @@ from vispec_vllm.demo.target import DEEP, RECIPES_BY_NAME, TargetRecipe
 if TYPE_CHECKING:
     from vispec_vllm.training.train import TrainConfig
 
-DRAFT_KINDS = ("vispec", "eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor")
+DRAFT_KINDS = ("vispec", "eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor",
+               "eagle-text-drop")
 # What `build_demo` ships beside each target (vispec_vllm/demo/models).
 SHIPPED_KINDS = ("vispec", "eagle")
 # ViSpec training variants: TrainConfig changes to `vispec` (same data, budget, schedule); a change
@@ -114,6 +118,8 @@ def draft_plan(budget: DraftBudget, seed: int) -> dict[str, TrainingStage]:
         "eagle-drop": TrainingStage("generated", drop, "stage1-generated-drop"),
         "stage1-text": TrainingStage("text", stage1),
         "eagle-text": TrainingStage("text", stage1, "stage1-text"),
+        "stage1-text-drop": TrainingStage("text", drop),
+        "eagle-text-drop": TrainingStage("text", drop, "stage1-text-drop"),
         "stage1-text-before-captions": TrainingStage(
             "text", replace(stage1, steps=budget.half_steps - budget.caption_steps), "stage1-text"),
         "eagle-captions": TrainingStage("captions", replace(stage1, steps=budget.caption_steps, lr=budget.caption_lr),
