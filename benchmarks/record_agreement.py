@@ -18,9 +18,24 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+import torch
 from common import RESULTS, machine_description, write_json
 
 RECORD_SETS = ("generated", "text", "captions")
+
+
+def agreement(records: list[dict], lm_head: torch.Tensor) -> tuple[int, int, Counter[int]]:
+    """(answer tokens the target predicts from the row before, answer tokens, its predictions there):
+    row i's hidden state predicts token i+1, and an answer token is one the loss mask marks."""
+    agreeing = answer_tokens = 0
+    predicted: Counter[int] = Counter()
+    for record in records:
+        answer = record["loss_mask"][1:].bool()
+        prediction = (record["hidden_states"][:-1].float() @ lm_head.T).argmax(-1)[answer]
+        agreeing += (prediction == record["input_ids"][1:][answer]).sum().item()
+        answer_tokens += int(answer.sum())
+        predicted.update(prediction.tolist())
+    return agreeing, answer_tokens, predicted
 
 
 def main() -> None:
@@ -42,15 +57,7 @@ def main() -> None:
     sets = {}
     for name in RECORD_SETS:
         records = load_records(args.records / f"records-{name}")[: args.num_records]
-        agreeing = answer_tokens = 0
-        predicted: Counter[int] = Counter()
-        for record in records:
-            # Row i's hidden state predicts token i+1; an answer token is one the loss mask marks.
-            answer = record["loss_mask"][1:].bool()
-            prediction = (record["hidden_states"][:-1].float() @ lm_head.T).argmax(-1)[answer]
-            agreeing += (prediction == record["input_ids"][1:][answer]).sum().item()
-            answer_tokens += int(answer.sum())
-            predicted.update(prediction.tolist())
+        agreeing, answer_tokens, predicted = agreement(records, lm_head)
         sets[name] = {
             "records": len(records),
             "answer_tokens": answer_tokens,
