@@ -8,15 +8,15 @@ For each target it trains, per training seed, every draft kind and variant of
 `vispec_vllm.demo.build` with the same budget (optimiser steps, schedule shape, peak lr): `vispec`,
 `eagle` (EAGLE-style on the same target-generated data), `eagle-text` (text only, no image data),
 `eagle-captions` (eagle-text with a short caption fine-tune at a lower lr), the ablations
-`eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, the diagnostic `eagle-text-drop` (eagle-text
-served with every image row dropped), and the `vispec-bias` variant (the published fc/img_fc
-biases). Then it measures in vLLM, for every draft at every K, on the same
-held-out prompts (at least 48 by default; layouts never trained on; two-image comparisons where the
-scenes have them), greedy, float32, in-process, with load-adaptive speculation off: vLLM's mean
-acceptance length (1 + accepted / drafts) and the acceptance rate at each speculative position
-(vLLM's per-position counters). Training and each measurement are kept under --work, so an
-interrupted run resumes. Writes benchmarks/results/acceptance_regime.json and a PNG with the
-spread across seeds.
+`eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, the diagnostic `eagle-text-drop` (eagle-text served with
+every image row dropped), and the variants `vispec-bias` (the published fc/img_fc biases) and
+`vispec-reg` (stage 2 keeps stage 1's hidden-state regression). Then it measures in vLLM, for every
+draft at every K, on the same held-out prompts (at least 48 by default; layouts never trained on;
+two-image comparisons where the scenes have them), greedy, float32, in-process, with load-adaptive
+speculation off: vLLM's mean acceptance length (1 + accepted / drafts) and the acceptance rate at
+each speculative position (vLLM's per-position counters). Training and each measurement are kept
+under --work, so an interrupted run resumes. Writes benchmarks/results/acceptance_regime.json and a
+PNG with the spread across seeds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ REPORT_K = 5
 DEFAULT_TARGETS = ("scene-llava-deep", "scene-llava")
 # What ViSpec is compared with, in the summary.
 BASELINES = ("eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor",
-             "eagle-text-drop", "vispec-bias")
+             "eagle-text-drop", "vispec-bias", "vispec-reg")
 MIN_HELD_OUT_PROMPTS = 48
 
 
@@ -154,7 +154,8 @@ def main() -> None:
                         help="where target NAME is (default: where its recipe's target ships)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 8)))
-    parser.add_argument("--drafts", nargs="+", default=[*DRAFT_KINDS, "vispec-bias"], choices=[*DRAFT_KINDS, *VARIANTS])
+    parser.add_argument("--drafts", nargs="+", default=[*DRAFT_KINDS, "vispec-bias", "vispec-reg"],
+                        choices=[*DRAFT_KINDS, *VARIANTS])
     parser.add_argument("--num-requests", type=int, default=MIN_HELD_OUT_PROMPTS,
                         help=f"held-out prompts per measurement (the experiment uses at least {MIN_HELD_OUT_PROMPTS})")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vispec-vllm" / "acceptance-regime")
@@ -179,8 +180,10 @@ def main() -> None:
             if "target" in run and "per_position" in run:  # older lines measured neither
                 done[(run["target"], run["draft"], run["seed"], run["k"], run["num_requests"])] = run
     # (target, draft, seed, K, requests) of every measurement.
+    # Seeds innermost: a measurement right after one of the same draft kind at the same K ran in
+    # seconds instead of minutes here (one process, 2026-12-05), so each (kind, K) runs its seeds in a row.
     planned = [(name, kind, seed, k, args.num_requests)
-               for name in args.targets for seed in args.seeds for kind in args.drafts for k in args.ks]
+               for name in args.targets for kind in args.drafts for k in args.ks for seed in args.seeds]
     started = time.monotonic()
     prompt_notes = {}
     for name in args.targets:
