@@ -15,6 +15,7 @@ target does not produce when it answers an image. Writes benchmarks/results/reco
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def main() -> None:
         print(f"{name:10s} target predicts the answer token at {agreeing / answer_tokens:.3f} of "
               f"{answer_tokens} answer tokens; most predicted: {sets[name]['most_predicted'][0]}")
     write_json({"machine": machine_description(), "target": str(args.target), "records": str(args.records),
-                "command": "python benchmarks/record_agreement.py --records DIR --target DIR",
+                "command": "python benchmarks/record_agreement.py " + " ".join(sys.argv[1:]),
                 "method": "greedy next token of lm_head(recorded hidden state at row i) against the recorded "
                           "token x_(i+1), over the answer tokens (loss mask) of the first records of each set",
                 "sets": sets}, args.out)

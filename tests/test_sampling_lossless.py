@@ -85,6 +85,9 @@ def first_tokens(llm, prompt, seeds: range) -> list[tuple[int, ...]]:
 
 # Image tokens per image of each demo pair the test samples (the 36-token pair and the deep default).
 PAIRS = sorted(DEMO_PAIRS)
+# Distinct first tokens the target draws at T=1, less one (measured: the deep target's first token
+# takes two values; its 5-token prefixes more).
+MIN_FIRST_TOKEN_DEGREES_OF_FREEDOM = {36: 2, 576: 1}
 
 
 @pytest.fixture(scope="module", params=PAIRS, ids=[f"{tokens}-image-tokens" for tokens in PAIRS])
@@ -118,13 +121,13 @@ def test_the_homogeneity_test_separates_distributions():
     assert homogeneity_p_value(["a"] * 200, ["a"] * 200) == (1.0, 0)
 
 
-def test_the_target_alone_samples(target_samples):
+def test_the_target_alone_samples(image_tokens, target_samples):
     # The premise: at T=1 the target draws several first tokens and several prefixes, so there is a
-    # distribution to compare (the deep target's first token takes two values, its prefixes more).
+    # distribution to compare.
     first_token_df = homogeneity_p_value([tokens[0] for tokens in target_samples],
                                          [tokens[0] for tokens in target_samples])[1]
     prefix_df = homogeneity_p_value(target_samples, target_samples)[1]
-    assert first_token_df >= 1 and prefix_df >= 2
+    assert first_token_df >= MIN_FIRST_TOKEN_DEGREES_OF_FREEDOM[image_tokens] and prefix_df >= 2
     assert all(len(tokens) == NUM_POSITIONS for tokens in target_samples)
 
 

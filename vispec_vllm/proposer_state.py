@@ -204,7 +204,8 @@ class ViSpecProposerState:
                 settled_rows.append(row)
                 features.append(entry.global_image_term)
                 continue
-            # text only: every row fuses zero, from position 0
+            # Not settled: a request with images is planned on its next step, which writes its g; a
+            # text-only one fuses zero from position 0.
             self.settled_from[row] = NOT_SETTLED if request_image_spans(requests[req_id].mm_features) else 0
             self.decode_global_image_term[row].zero_()
         if settled_rows:
