@@ -62,6 +62,11 @@ def test_ablations_differ_from_their_draft_in_their_flag_only():
     vispec_bias = chain(plan, "vispec-bias")
     for vispec_run, bias_run in zip(chain(plan, "vispec"), vispec_bias, strict=True):
         assert config_changes(vispec_run.config, bias_run.config) == {"fc_bias": (False, True)}
+    # The -drop variants: vispec's stage 2 after eagle-drop's first half (the run itself, not a copy).
+    assert plan["vispec-drop"].config == plan["vispec"].config
+    assert plan["vispec-drop"].start == plan["vispec-drop-reg"].start == plan["eagle-drop"].start
+    assert config_changes(plan["vispec-drop"].config, plan["vispec-drop-reg"].config) == {
+        "hidden_regression": (False, True)}
 
 
 def test_a_run_finished_under_another_config_is_refused(tmp_path):

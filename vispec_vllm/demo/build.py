@@ -57,8 +57,13 @@ VARIANTS = {
     "vispec-q8": {"num_q": 8},
     "vispec-mtp3": {"mtp_steps": 3},
     "vispec-reg": {"hidden_regression": True},
+    "vispec-drop": {},
+    "vispec-drop-reg": {"hidden_regression": True},
 }
 STAGE1_OPTIONS = ("fc_bias",)
+# The run a variant's stage 2 starts from, where it is not `stage1-generated`: the `-drop` variants
+# start from eagle-drop's first half, which never saw an image row, as ViSpec's stage 2 never does.
+VARIANT_FIRST_HALVES = {"vispec-drop": "stage1-generated-drop", "vispec-drop-reg": "stage1-generated-drop"}
 # How vLLM serves each kind: checkpoints in the EAGLE layout as plain EAGLE (method "eagle"), the
 # rest as ViSpec (eagle-drop's stage-1 checkpoint included: it is in the ViSpec layout, num_q = 1).
 EAGLE_LAYOUT_KINDS = ("eagle", "eagle-text", "eagle-captions")
@@ -131,7 +136,7 @@ def draft_plan(budget: DraftBudget, seed: int) -> dict[str, TrainingStage]:
         if first_changes:
             plan[first_half] = TrainingStage("generated", replace(stage1, **first_changes))
         plan[name] = TrainingStage("generated", replace(stage2, **changes),
-                                   first_half if first_changes else "stage1-generated")
+                                   first_half if first_changes else VARIANT_FIRST_HALVES.get(name, "stage1-generated"))
     return plan
 
 
