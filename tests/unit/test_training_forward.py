@@ -373,6 +373,20 @@ def test_checkpoints_with_and_without_biases_start_a_draft(target, tmp_path):
         build_training_draft(target, TrainConfig(stage=2), init_dir=tmp_path / "biased")
 
 
+def test_a_stage1_draft_that_drops_image_rows_starts_stage2_with_its_eagle_part_only(target, tmp_path):
+    dropping = TrainConfig(stage=1, drop_image_rows=True)
+    first_half = build_training_draft(target, dropping)
+    randomise(first_half)
+    save_draft(first_half, tmp_path / "drop", target.draft_dims, target.family, dropping)
+    stage2 = TrainConfig(stage=2)
+    started = build_training_draft(target, stage2, init_dir=tmp_path / "drop")
+    fresh = build_training_draft(target, stage2)
+    assert started.imadpt.num_q == stage2.num_q != first_half.imadpt.num_q
+    for name, value in states(started).items():
+        source = fresh if name.startswith(("imadpt.", "img_fc.")) else first_half
+        assert torch.equal(value, states(source)[name]), name
+
+
 def test_a_run_takes_exactly_its_steps_on_the_schedule(target, tmp_path, monkeypatch):
     (tmp_path / "records").mkdir()
     write_shard(tmp_path / "records", 0, [make_record(seed) for seed in range(3)])

@@ -303,9 +303,13 @@ def record_loss(model: nn.Module, record: dict[str, torch.Tensor], cfg: TrainCon
 
 def _init_from(model: ViSpecTrainingDraft, init_dir: Path) -> None:
     """Start from a checkpoint of this format: a stage-1 one leaves the ViSpec part at its
-    initialisation; one without fc/img_fc biases, when this draft has them, leaves them at zero
-    (a no-op until trained). A checkpoint with biases this draft lacks is refused."""
+    initialisation (one that drops image rows holds an untrained ViSpec part of one query; it is not
+    taken); one without fc/img_fc biases, when this draft has them, leaves them at zero (a no-op
+    until trained). A checkpoint with biases this draft lacks is refused."""
     state = load_file(init_dir / WEIGHT_FILES[0])
+    trained_as = init_dir / "training_config.json"
+    if trained_as.is_file() and json.loads(trained_as.read_text())["stage"] == 1:
+        state = {name: tensor for name, tensor in state.items() if not name.startswith(VISPEC_PREFIXES)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{init_dir}: weights the draft being trained does not have: {', '.join(unexpected)} "
