@@ -1,10 +1,11 @@
 """Throughput under concurrent load: a server without speculation, with ViSpec (load-adaptive, the
-default, and with a fixed K) and, if a draft exists, with plain EAGLE-style speculation, each driven
+default, and at each fixed K of --fixed-ks) and, if a draft exists, with plain EAGLE-style speculation, each driven
 by vLLM's own benchmark client (`vllm bench serve`) with image+text requests at several
 concurrencies. Each row also records the batch the engine really ran (mean of the running-request
 gauge) and its step count, which the cost model (benchmarks/cost_model.py) needs.
 
-    python benchmarks/serve_concurrency.py                   # the shipped demo pair, 1..64, 5 repeats
+    python benchmarks/serve_concurrency.py                   # the default demo pair, 1..64, 5 repeats
+    python benchmarks/serve_concurrency.py --fixed-ks 1 2 3 4 5   # the schedule against every fixed K
     python benchmarks/serve_concurrency.py --target DIR --vispec DIR [--eagle DIR] --concurrency 1 4
     python benchmarks/serve_concurrency.py --estimate-only   # how long a run would take
     python benchmarks/serve_concurrency.py --smoke ...       # one tiny setting (tests)
@@ -57,7 +58,7 @@ from common import (
 
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "64",
                "--limit-mm-per-prompt", '{"image": 1}', "--mm-processor-cache-gb", "0"]
-SETUP_NAMES = ("none", "vispec", "vispec-fixed", "eagle")
+SETUP_NAMES = ("none", "vispec", "vispec-fixed", "eagle")  # vispec-fixed: one server per K of --fixed-ks
 # For the duration estimate, from this 2-core machine while shared: two servers were up after ~185 s
 # (four take longer), and each in-process client call spent ~0.5 s beyond the run it measured.
 STARTUP_S = 300.0
@@ -66,8 +67,16 @@ FALLBACK_TOK_S = 300.0
 SMOKE = {"concurrency": [2], "prompts_per_concurrency": 2, "output_len": 16, "repeats": 2, "warmup_prompts": 2}
 
 
+def fixed_setup(k: int) -> str:
+    return f"vispec-fixed-k{k}"
+
+
 def setup_name(row: dict) -> str:
-    return "vispec-fixed" if row["mode"] == "vispec" and not row["adaptive"] else row["mode"]
+    """A row's set-up: "none", "vispec" (adaptive), "eagle", or "vispec-fixed-k<K>" ("vispec-fixed" in
+    files whose rows do not name their K)."""
+    if row["mode"] == "vispec" and not row["adaptive"]:
+        return fixed_setup(row["num_speculative_tokens"]) if "num_speculative_tokens" in row else "vispec-fixed"
+    return row["mode"]
 
 
 def num_prompts(prompts_per_concurrency: int, concurrency: int) -> int:
@@ -173,16 +182,23 @@ def bench(client, server, dataset: Path, concurrency: int, prompts: int, output_
     return result
 
 
-def speculation_setups(vispec: Path, eagle: str, k: int) -> dict[str, tuple[str, bool, list[str], dict[str, str]]]:
-    """Set-up name -> (mode, adaptive, `vllm serve` arguments beyond SERVER_ARGS, environment of the
-    server process), for the ViSpec draft `vispec` and the plain EAGLE draft `eagle` at K=`k`."""
-    vispec_config = ["--speculative-config", json.dumps({"model": str(vispec), "num_speculative_tokens": k})]
+def speculation_setups(vispec: Path, eagle: str, adaptive_k: int, fixed_ks: list[int], eagle_k: int
+                       ) -> dict[str, tuple[str, bool, int | None, list[str], dict[str, str]]]:
+    """Set-up name -> (mode, adaptive, K (the most an adaptive step drafts), `vllm serve` arguments
+    beyond SERVER_ARGS, environment of the server process), for the ViSpec draft `vispec`
+    (load-adaptive up to `adaptive_k`, and fixed at each of `fixed_ks`) and the plain EAGLE draft
+    `eagle` at `eagle_k`."""
+    def vispec_config(k: int) -> list[str]:
+        return ["--speculative-config", json.dumps({"model": str(vispec), "num_speculative_tokens": k})]
+
     eagle_config = ["--speculative-config", json.dumps({"method": "eagle", "model": eagle,
-                                                        "num_speculative_tokens": k})]
-    return {"none": ("none", False, [], {}),
-            "vispec": ("vispec", True, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "1"}),
-            "vispec-fixed": ("vispec", False, vispec_config, {"VISPEC_VLLM_ADAPTIVE": "0"}),
-            "eagle": ("eagle", False, eagle_config, {})}
+                                                        "num_speculative_tokens": eagle_k})]
+    setups = {"none": ("none", False, None, [], {}),
+              "vispec": ("vispec", True, adaptive_k, vispec_config(adaptive_k), {"VISPEC_VLLM_ADAPTIVE": "1"})}
+    for k in fixed_ks:
+        setups[fixed_setup(k)] = ("vispec", False, k, vispec_config(k), {"VISPEC_VLLM_ADAPTIVE": "0"})
+    setups["eagle"] = ("eagle", False, eagle_k, eagle_config, {})
+    return setups
 
 
 def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[list[str], dict[str, str]]],
@@ -239,13 +255,13 @@ def per_repeat_values(result: dict) -> dict:
             "wall_s": result["wall_s"], "prefix_cache_hit_rate": result["prefix_cache_hit_rate"]}
 
 
-def summary_row(mode: str, adaptive: bool, concurrency: int, prompts: int, repeats: list[dict],
+def summary_row(mode: str, adaptive: bool, k: int | None, concurrency: int, prompts: int, repeats: list[dict],
                 baseline: list[dict] | None) -> dict:
     """One JSON row from one set-up's runs at one concurrency, repeat by repeat (`baseline`: the
     runs without speculation of the same repeats)."""
     values = [per_repeat_values(r) for r in repeats]
-    row = {"mode": mode, "adaptive": adaptive, "concurrency": concurrency, "num_prompts": prompts,
-           "repeats": len(values)}
+    row = {"mode": mode, "adaptive": adaptive, "num_speculative_tokens": k, "concurrency": concurrency,
+           "num_prompts": prompts, "repeats": len(values)}
     row |= spread_fields("output_tok_s", [v["output_tok_s"] for v in values])
     ratios = None
     if baseline is not None and mode != "none":
@@ -261,6 +277,25 @@ def summary_row(mode: str, adaptive: bool, concurrency: int, prompts: int, repea
     row["ratio_to_none_repeats"] = ratios
     row["mean_running_requests_repeats"] = [v["mean_running_requests"] for v in values]
     return row
+
+
+def schedule_against_fixed(runs: list[dict]) -> list[dict]:
+    """At each concurrency: the load-adaptive ViSpec set-up against the best fixed-K ViSpec set-up
+    (highest median output tokens/s), as the ratio of medians, and its worst repeat against no
+    speculation; empty without an adaptive row and a fixed one."""
+    checks = []
+    for concurrency in sorted({r["concurrency"] for r in runs}):
+        rows = [r for r in runs if r["concurrency"] == concurrency]
+        adaptive = [r for r in rows if setup_name(r) == "vispec"]
+        fixed = [r for r in rows if setup_name(r).startswith("vispec-fixed")]
+        if not adaptive or not fixed:
+            continue
+        best = max(fixed, key=lambda r: r["output_tok_s"])
+        checks.append({"concurrency": concurrency, "best_fixed": setup_name(best),
+                       "best_fixed_tok_s": best["output_tok_s"], "adaptive_tok_s": adaptive[0]["output_tok_s"],
+                       "adaptive_to_best_fixed": adaptive[0]["output_tok_s"] / best["output_tok_s"],
+                       "adaptive_to_none_min": adaptive[0]["ratio_to_none_min"]})
+    return checks
 
 
 def error_bar(rows: list[dict], field: str) -> list[list[float]]:
@@ -339,15 +374,19 @@ def estimate_duration_s(args: argparse.Namespace, runs: list[str], previous: Pat
 
 
 def main() -> None:
-    from vispec_vllm.demo.models import DEMO_PAIRS
+    from vispec_vllm.demo.models import DEFAULT_IMAGE_TOKENS, DEMO_PAIRS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-tokens", type=int, default=36, choices=sorted(DEMO_PAIRS),
+    parser.add_argument("--image-tokens", type=int, default=DEFAULT_IMAGE_TOKENS, choices=sorted(DEMO_PAIRS),
                         help="which shipped demo pair (and its scenes) unless --target etc. are given")
     parser.add_argument("--target", type=Path)
     parser.add_argument("--vispec", type=Path)
     parser.add_argument("--eagle", help="plain EAGLE draft ('' for none)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--num-speculative-tokens", type=int, default=5,
+                        help="the most draft tokens a load-adaptive ViSpec step proposes")
+    parser.add_argument("--fixed-ks", type=int, nargs="+", default=[3],
+                        help="a ViSpec server drafting this many tokens every step, for each K given")
+    parser.add_argument("--eagle-k", type=int, default=3, help="draft tokens of the EAGLE-style server")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4,
                         help="requests per run = this x concurrency (at least 4 x this)")
@@ -356,7 +395,7 @@ def main() -> None:
     parser.add_argument("--warmup-prompts", type=int, default=8, help="requests of each server's warm-up run")
     parser.add_argument("--seed", type=int, default=0, help="picks the held-out scenes (disjoint per seed)")
     parser.add_argument("--runs", nargs="+", default=list(SETUP_NAMES), choices=SETUP_NAMES,
-                        help="server set-ups to measure (vispec: load-adaptive; vispec-fixed: K every step)")
+                        help="server set-ups to measure (vispec: load-adaptive; vispec-fixed: each K of --fixed-ks)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"one quick setting for tests: {', '.join(f'{k}={v}' for k, v in SMOKE.items())}")
     parser.add_argument("--estimate-only", action="store_true", help="print the estimated duration and exit")
@@ -369,18 +408,21 @@ def main() -> None:
     args.vispec = args.vispec or pair_drafts["vispec"]
     args.eagle = str(pair_drafts["eagle"]) if args.eagle is None else args.eagle
 
-    runs = [name for name in args.runs if name != "eagle" or args.eagle]
-    estimate, basis = estimate_duration_s(args, runs, RESULTS / "serve_concurrency.json")
+    k = args.num_speculative_tokens
+    server_setups = speculation_setups(args.vispec, args.eagle, k, args.fixed_ks, args.eagle_k)
+    runs = [name for name in server_setups
+            if ("vispec-fixed" if name.startswith("vispec-fixed-") else name) in args.runs
+            and (name != "eagle" or args.eagle)]
+    estimate, basis = estimate_duration_s(args, runs, args.out)
     print(f"estimated duration: about {format_duration(estimate)} ({len(runs)} set-ups x "
           f"{len(args.concurrency)} concurrencies x {args.repeats} repeats; from {basis})", flush=True)
     if args.estimate_only:
         return
 
-    k = args.num_speculative_tokens
-    server_setups = speculation_setups(args.vispec, args.eagle, k)
     report = {"machine": machine_description(), "target": args.target.name, "draft": args.vispec.name,
               "image_tokens": args.image_tokens,
-              "num_speculative_tokens": k, "repeats": args.repeats, "output_len": args.output_len,
+              "num_speculative_tokens": {name: server_setups[name][2] for name in runs if name != "none"},
+              "repeats": args.repeats, "output_len": args.output_len,
               "seed": args.seed,
               "prompts": "one held-out scene image + the describe prompt per request, unique per request and per "
                          "repeat (the same across set-ups within a repeat); prefix caching on (vLLM's default), "
@@ -392,15 +434,17 @@ def main() -> None:
                         "a running request, zeros included",
               "runs": []}
     started = time.monotonic()
-    results = run_interleaved(args, {name: (SERVER_ARGS + server_setups[name][2], server_setups[name][3])
+    results = run_interleaved(args, {name: (SERVER_ARGS + server_setups[name][3], server_setups[name][4])
                                      for name in runs}, started)
     for name in runs:
-        mode, adaptive, _, _ = server_setups[name]
+        mode, adaptive, k, _, _ = server_setups[name]
         for concurrency in args.concurrency:
             baseline = results.get(("none", concurrency))
-            report["runs"].append(summary_row(mode, adaptive, concurrency,
+            report["runs"].append(summary_row(mode, adaptive, k, concurrency,
                                               num_prompts(args.prompts_per_concurrency, concurrency),
                                               results[(name, concurrency)], baseline))
+    # The schedule's goal: at least 0.95x the best fixed K (medians), and never below no speculation.
+    report["schedule_against_fixed"] = schedule_against_fixed(report["runs"])
     report["duration_s"] = round(time.monotonic() - started, 1)
     print(f"took {format_duration(report['duration_s'])} (estimated {format_duration(estimate)})")
     write_report(report, args.out, plot)
