@@ -8,16 +8,17 @@ For each target it trains, per training seed, every draft kind and variant of
 `vispec_vllm.demo.build` with the same budget (optimiser steps, schedule shape, peak lr): `vispec`,
 `eagle` (EAGLE-style on the same target-generated data), `eagle-text` (text only, no image data),
 `eagle-captions` (eagle-text with a short caption fine-tune at a lower lr), the ablations
-`eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, the diagnostic `eagle-text-drop` (eagle-text served with
-every image row dropped), and the variants `vispec-bias` (the published fc/img_fc biases) and
-`vispec-reg` (stage 2 keeps stage 1's hidden-state regression). Then it measures in vLLM, for every
-draft at every K, on the same held-out prompts (at least 48 by default; layouts never trained on;
-two-image comparisons where the scenes have them), greedy, float32, in-process, with load-adaptive
-speculation off: vLLM's mean acceptance length (1 + accepted / drafts) and the acceptance rate at
-each speculative position (vLLM's per-position counters). Training and each measurement are kept
-under --work, so an interrupted run resumes. Writes benchmarks/results/acceptance_regime.json and a
-PNG with the spread across seeds.
-"""
+`eagle-drop`, `vispec-keep`, `vispec-no-adaptor`, the diagnostic `eagle-text-drop` (eagle-text
+served with every image row dropped), and the variants `vispec-bias` (the published fc/img_fc
+biases), `vispec-reg` (stage 2 keeps stage 1's hidden-state regression), `vispec-drop` and
+`vispec-drop-reg` (`vispec` and `vispec-reg` with eagle-drop's first half, which never saw an image
+row). Then it measures in vLLM, for every draft at every K, on the same held-out prompts (at least
+48 by default; layouts never trained on; two-image comparisons where the scenes have them), greedy,
+float32, in-process, with load-adaptive speculation off: vLLM's mean acceptance length (1 + accepted
+/ drafts) and the acceptance rate at each speculative position (vLLM's per-position counters).
+Training and each measurement are kept under --work, so an interrupted run resumes. Writes
+benchmarks/results/acceptance_regime.json and a PNG with the spread across seeds; `accepted_by_k`
+tabulates accepted tokens per draft at every K."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ REPORT_K = 5
 DEFAULT_TARGETS = ("scene-llava-deep", "scene-llava")
 # What ViSpec is compared with, in the summary.
 BASELINES = ("eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor",
-             "eagle-text-drop", "vispec-bias", "vispec-reg")
+             "eagle-text-drop", "vispec-bias", "vispec-reg", "vispec-drop", "vispec-drop-reg")
+# The variants the experiment trains beside the draft kinds (vispec_vllm/demo/build.py VARIANTS).
+MEASURED_VARIANTS = ("vispec-bias", "vispec-reg", "vispec-drop", "vispec-drop-reg")
 MIN_HELD_OUT_PROMPTS = 48
 
 
@@ -74,6 +77,23 @@ def summarise(runs: list[dict], k: int = REPORT_K) -> dict:
                         min(accepted["vispec"]) > max(accepted[baseline]))
         summary[target] = row
     return summary
+
+
+def accepted_by_k(runs: list[dict]) -> dict:
+    """Per target, draft and K: accepted tokens per draft (mean acceptance length - 1), median over
+    seeds with min and max, and how many seeds."""
+    table: dict = {}
+    for run in runs:
+        per_k = table.setdefault(run["target"], {}).setdefault(run["draft"], {})
+        per_k.setdefault(run["k"], []).append(run["mean_acceptance_length"] - 1)
+    for per_draft in table.values():
+        for draft, per_k in per_draft.items():
+            cells = {}
+            for k, values in sorted(per_k.items()):
+                lo, median, hi = spread(values)
+                cells[k] = {"median": median, "min": lo, "max": hi, "seeds": len(values)}
+            per_draft[draft] = cells
+    return table
 
 
 def zero_acceptance_tails(runs: list[dict]) -> list[dict]:
@@ -154,7 +174,7 @@ def main() -> None:
                         help="where target NAME is (default: where its recipe's target ships)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 8)))
-    parser.add_argument("--drafts", nargs="+", default=[*DRAFT_KINDS, "vispec-bias", "vispec-reg"],
+    parser.add_argument("--drafts", nargs="+", default=[*DRAFT_KINDS, *MEASURED_VARIANTS],
                         choices=[*DRAFT_KINDS, *VARIANTS])
     parser.add_argument("--num-requests", type=int, default=MIN_HELD_OUT_PROMPTS,
                         help=f"held-out prompts per measurement (the experiment uses at least {MIN_HELD_OUT_PROMPTS})")
@@ -226,6 +246,7 @@ def main() -> None:
                    "(load-adaptive speculation off)",
         "variants": {name: VARIANTS[name] for name in args.drafts if name in VARIANTS},
         "summary": summarise(runs),
+        "accepted_by_k": accepted_by_k(runs),
         # Runs whose acceptance is exactly zero past some position: the report must explain each.
         "zero_acceptance_tails": zero_acceptance_tails(runs),
         "runs": runs,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-from acceptance_regime import summarise, zero_acceptance_tails  # noqa: E402
+from acceptance_regime import accepted_by_k, summarise, zero_acceptance_tails  # noqa: E402
 
 DEEP = "scene-llava-deep"
 
@@ -50,3 +50,14 @@ def test_zero_acceptance_tails_name_the_first_zero_position():
     assert zero_acceptance_tails(runs) == [
         {"target": DEEP, "draft": "eagle-text", "seed": 0, "k": 4, "zero_from_position": 2},
         {"target": DEEP, "draft": "eagle", "seed": 1, "k": 3, "zero_from_position": 1}]
+
+
+def test_accepted_tokens_by_k_with_the_seed_spread():
+    runs = [run(DEEP, "vispec", s, k, 1 + k * v) for s, v in enumerate((0.5, 0.7, 0.6)) for k in (1, 3)]
+    runs += [run(DEEP, "eagle", 0, 3, 2.0), run("scene-llava", "vispec", 0, 3, 4.0)]
+    table = accepted_by_k(runs)
+    assert table[DEEP]["vispec"][1] == {"median": pytest.approx(0.6), "min": 0.5, "max": 0.7, "seeds": 3}
+    assert table[DEEP]["vispec"][3] == {"median": pytest.approx(1.8), "min": 1.5, "max": pytest.approx(2.1),
+                                        "seeds": 3}
+    assert table[DEEP]["eagle"] == {3: {"median": 1.0, "min": 1.0, "max": 1.0, "seeds": 1}}
+    assert table["scene-llava"]["vispec"][3]["median"] == 3.0
