@@ -297,24 +297,25 @@ def measure_forward(widths: DraftDims, sets: list[RowSet], modes: list[str], dty
 
 def measure_itl(args: argparse.Namespace, modes: list[str]) -> list[dict]:
     """ITL p50 of the ViSpec draft (fixed K) and the EAGLE draft of the demo pair, servers side by side."""
-    from serve_concurrency import SERVER_ARGS, run_interleaved, speculation_setups
+    from serve_concurrency import SERVER_ARGS, fixed_setup, run_interleaved, speculation_setups
 
-    setups = speculation_setups(args.vispec, str(args.eagle), K)
+    setups = speculation_setups(args.vispec, str(args.eagle), K, [K], K)
+    vispec_fixed = fixed_setup(K)
     rows = []
     for mode in modes:
         server_args = SERVER_ARGS if mode == "eager" else [a for a in SERVER_ARGS if a != "--enforce-eager"]
         started = time.monotonic()
-        results = run_interleaved(args, {name: (server_args + setups[name][2], setups[name][3])
-                                         for name in ("vispec-fixed", "eagle")}, started)
+        results = run_interleaved(args, {name: (server_args + setups[name][3], setups[name][4])
+                                         for name in (vispec_fixed, "eagle")}, started)
         for concurrency in args.concurrency:
             itl = {name: [r["median_itl_ms"] for r in results[(name, concurrency)]]
-                   for name in ("vispec-fixed", "eagle")}
+                   for name in (vispec_fixed, "eagle")}
             row = {"part": "itl", "mode": mode, "concurrency": concurrency, "repeats": args.repeats,
                    "server_args": server_args}
-            row |= spread_fields("vispec_itl_ms_p50", itl["vispec-fixed"])
+            row |= spread_fields("vispec_itl_ms_p50", itl[vispec_fixed])
             row |= spread_fields("eagle_itl_ms_p50", itl["eagle"])
             row["ratio"] = row["vispec_itl_ms_p50"] / row["eagle_itl_ms_p50"]
-            row["vispec_itl_ms_p50_repeats"], row["eagle_itl_ms_p50_repeats"] = itl["vispec-fixed"], itl["eagle"]
+            row["vispec_itl_ms_p50_repeats"], row["eagle_itl_ms_p50_repeats"] = itl[vispec_fixed], itl["eagle"]
             rows.append(row)
             print(f"itl {mode:8s} c={concurrency:3d}: ViSpec {row['vispec_itl_ms_p50']:.2f} ms, EAGLE "
                   f"{row['eagle_itl_ms_p50']:.2f} ms, ratio {row['ratio']:.3f}", flush=True)
