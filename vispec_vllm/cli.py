@@ -37,7 +37,10 @@ def _demo(args: argparse.Namespace) -> None:
 
     if args.repeats < 1:
         sys.exit(f"--repeats {args.repeats}: at least one repeat is needed")
+    if args.warmup_requests < 1:
+        sys.exit(f"--warmup-requests {args.warmup_requests}: at least one warm-up request is needed")
     run_demo(DemoOptions(num_requests=args.num_requests, max_tokens=args.max_tokens, repeats=args.repeats,
+                         warmup_requests=args.warmup_requests,
                          num_speculative_tokens=args.num_speculative_tokens, image_tokens=args.image_tokens,
                          out=args.out, logs_dir=DEFAULT_MODELS_DIR))
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--max-tokens", type=int, default=None, help="default: the target's longest answer")
     demo.add_argument("--num-requests", type=int, default=6)
     demo.add_argument("--repeats", type=int, default=3, help="interleaved turns of each server (default 3)")
+    demo.add_argument("--warmup-requests", type=int, default=6,
+                      help="untimed requests to each server first, on other held-out scenes (default 6)")
     demo.add_argument("--num-speculative-tokens", type=int, default=5)
     demo.add_argument("--out", type=Path, default=Path("benchmarks/results/demo.json"),
                       help="where to write the report (JSON)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vispec_vllm.demo.run import draft_forward_ms, target_step_ms
+from vispec_vllm.demo.run import draft_forward_ms, held_out_prompts, target_step_ms
 from vispec_vllm.proposer_state import DraftTiming
 
 DEMO_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo.json"
@@ -34,8 +34,8 @@ def test_target_step_is_the_mean_inter_token_latency():
 def test_demo_json_has_the_fields_users_and_the_readme_read():
     report = json.loads(DEMO_JSON.read_text())
     for field in ("machine", "target", "draft", "image_tokens", "max_tokens", "k", "adaptive", "num_requests",
-                  "outputs_identical", "mean_acceptance_length", "tok_s_none", "tok_s_vispec", "speedup",
-                  "speedup_min", "speedup_max", "repeats", "target_step_ms", "draft_forward_ms",
+                  "warmup_requests", "outputs_identical", "mean_acceptance_length", "tok_s_none", "tok_s_vispec",
+                  "speedup", "speedup_min", "speedup_max", "repeats", "target_step_ms", "draft_forward_ms",
                   "target_step_measured_by", "draft_forward_measured_by", "cost_ratio"):
         assert field in report, field
     speedups = [repeat["speedup"] for repeat in report["repeats"]]
@@ -46,3 +46,19 @@ def test_demo_json_has_the_fields_users_and_the_readme_read():
         assert repeat["speedup"] == pytest.approx(repeat["tok_s_vispec"] / repeat["tok_s_none"])
     assert report["cost_ratio"] == pytest.approx(report["draft_forward_ms"] / report["target_step_ms"])
     assert report["outputs_identical"] is True
+
+
+def test_the_warm_up_uses_other_held_out_scenes_than_the_timed_prompts():
+    from vispec_vllm.demo.target import RECIPES
+
+    recipe = RECIPES[576]
+    timed, warmup = held_out_prompts(recipe, 6, 6)
+    timed_seeds = [scene.seed for scenes, _ in timed for scene in scenes]
+    warmup_seeds = [scene.seed for scenes, _ in warmup for scene in scenes]
+    assert len(timed) == 6 and len(warmup) == 6
+    assert [len(scenes) for scenes, _ in timed] == [1, 1, 1, 1, 1, 2]  # one comparison of two images
+    assert not set(timed_seeds) & set(warmup_seeds)
+    assert set(timed_seeds + warmup_seeds) <= set(recipe.scenes.held_out_seeds(200)) | {
+        scene.seed for scenes, _ in timed for scene in scenes[1:]}  # a comparison's second scene
+    assert held_out_prompts(recipe, 6)[0] == timed  # the warm-up leaves the timed prompts as they were
+    assert held_out_prompts(recipe, 6)[1] == []

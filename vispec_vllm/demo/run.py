@@ -2,9 +2,11 @@
 and with ViSpec speculation, on held-out scenes, one request at a time, and write what it measured.
 
 It starts two vLLM OpenAI servers on 127.0.0.1 side by side (through `vispec-vllm serve`, so it works
-on both vLLM builds): one without speculation, one with the ViSpec draft. After a warm-up of each,
-they take turns `repeats` times (the order alternates), answering the same held-out prompts, so
-drift in a shared machine's speed hits both alike. It reports identical outputs, vLLM's mean
+on both vLLM builds): one without speculation, one with the ViSpec draft. After a warm-up of each
+(untimed requests on other held-out scenes, during which the ViSpec server's load-adaptive schedule
+measures acceptance and step times and settles on its K), they take turns `repeats` times (the
+order alternates), answering the same held-out prompts, so drift in a shared machine's speed hits
+both alike. It reports identical outputs, vLLM's mean
 acceptance length, the output tokens/s ratio of each repeat (median, min, max), and the two times
 that bound the speed-up: the target's step (no speculation) and one draft forward. The numbers go
 to a JSON file (default `benchmarks/results/demo.json`) so that the README can quote them.
@@ -30,6 +32,9 @@ class DemoOptions:
     num_speculative_tokens: int = 5
     image_tokens: int = 576  # which shipped pair: 576 (LLaVA-1.5 scale, the default) or 36
     repeats: int = 3  # turns of each server, interleaved
+    # Untimed requests to each server first, other held-out scenes: the ViSpec server's
+    # load-adaptive schedule measures acceptance and step times and settles on its K meanwhile.
+    warmup_requests: int = 6
     out: Path = DEFAULT_OUT
     logs_dir: Path = Path.home() / ".cache" / "vispec-vllm"
 
@@ -71,16 +76,20 @@ def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[f
     return tokens / (time.monotonic() - started), answers
 
 
-def held_out_prompts(recipe, count: int) -> list[tuple[list, list[dict]]]:
-    """`count` held-out (scenes, messages) prompts as the target was trained on them: description
-    requests and, where the scenes have them, one comparison of two images among them."""
-    seeds = recipe.scenes.held_out_seeds(8 * count)
+def held_out_prompts(recipe, count: int, warmup: int = 0) -> tuple[list, list]:
+    """(`count` timed, `warmup` warm-up) held-out (scenes, messages) prompts as the target was
+    trained on them. The timed ones are description requests and, where the scenes have them, one
+    comparison of two images among them; the warm-up ones are other description requests, so the
+    timed prompts meet no cache that the warm-up filled."""
+    seeds = recipe.scenes.held_out_seeds(8 * (count + warmup))
     # Chosen by seed, so that only the prompts used draw their scenes.
     is_comparison = getattr(recipe.scenes, "is_comparison", lambda _seed: False)
     one_image = [seed for seed in seeds if not is_comparison(seed)]
     two_images = [seed for seed in seeds if is_comparison(seed)]
-    chosen = one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
-    return [recipe.scenes.training_prompt(seed) for seed in chosen]
+    timed = one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
+    warmup_seeds = [seed for seed in one_image if seed not in timed][:warmup]
+    return ([recipe.scenes.training_prompt(seed) for seed in timed],
+            [recipe.scenes.training_prompt(seed) for seed in warmup_seeds])
 
 
 def _chat_content(scenes_: list, messages: list[dict]) -> list[dict]:
@@ -121,8 +130,9 @@ def run_demo(options: DemoOptions) -> dict:
     draft = drafts["vispec"]
     recipe = RECIPES[options.image_tokens]
     max_tokens = options.max_tokens or recipe.max_new_tokens
-    examples = held_out_prompts(recipe, options.num_requests)
+    examples, warmup_examples = held_out_prompts(recipe, options.num_requests, options.warmup_requests)
     prompts = [_chat_content(scenes_, messages) for scenes_, messages in examples]
+    warmup_prompts = [_chat_content(scenes_, messages) for scenes_, messages in warmup_examples]
     common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt",
               '{"image": 2}']
     spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
@@ -132,14 +142,16 @@ def run_demo(options: DemoOptions) -> dict:
     options.logs_dir.mkdir(parents=True, exist_ok=True)
     print(f"Demo pair: target {target.name} (trained on synthetic scenes, {recipe.num_image_tokens} image tokens "
           f"per image), ViSpec draft {draft.name}, K up to {options.num_speculative_tokens} (load-adaptive); "
-          f"{len(prompts)} held-out prompts, one request at a time, {options.repeats} interleaved repeats.")
+          f"{len(prompts)} held-out prompts, one request at a time, {options.repeats} interleaved repeats after a "
+          f"warm-up.")
     print(f"Starting two vLLM servers on 127.0.0.1 with the vispec-vllm plugin, without and with speculation "
           f"(logs: {options.logs_dir}/demo-server-*.log) ...", flush=True)
     repeats, answers = [], {"none": [], "vispec": []}
     with contextlib.ExitStack() as stack:
         servers = start_side_by_side(stack, setups, target, options.logs_dir, "demo-server-")
+        print(f"Warm-up: {len(warmup_prompts)} other held-out prompts to each server (untimed) ...", flush=True)
         for server in servers.values():
-            _run_requests(server, prompts[:1], max_tokens)  # warm-up
+            _run_requests(server, warmup_prompts, max_tokens)
         for repeat in range(options.repeats):
             tok_s = {}
             for mode in (("none", "vispec") if repeat % 2 == 0 else ("vispec", "none")):
@@ -163,6 +175,7 @@ def run_demo(options: DemoOptions) -> dict:
         "k": options.num_speculative_tokens,
         "adaptive": os.environ.get("VISPEC_VLLM_ADAPTIVE", "1") != "0",
         "num_requests": len(prompts),
+        "warmup_requests": len(warmup_prompts),
         "outputs_identical": all(run == reference_answers for mode in answers.values() for run in mode),
         "mean_acceptance_length": acceptance,
         "tok_s_none": statistics.median(r["tok_s_none"] for r in repeats),
