@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, pyplot  # noqa: E402
+from serve_concurrency import setup_name  # noqa: E402
 from target_shapes import TARGETS  # noqa: E402
 
 from vispec_vllm.cost_model import (  # noqa: E402
@@ -327,8 +328,9 @@ def main() -> None:
     for row in serve["runs"]:
         k = serve_row_k(row, fixed_k)
         predicted = serve_row_prediction(THIS_CPU, shape, row, k, context)
-        setup = "vispec-fixed" if row["mode"] == "vispec" and not row["adaptive"] else row["mode"]
-        machine_rows.append({"setup": setup, "role": "fitted" if setup in ("none", "vispec-fixed") else "held out",
+        setup = setup_name(row)
+        fitted = setup == "none" or setup.startswith("vispec-fixed")  # what fit_cpu fits: no draft, fixed K
+        machine_rows.append({"setup": setup, "role": "fitted" if fitted else "held out",
                              "concurrency": row["concurrency"], "mean_running_requests": row["mean_running_requests"],
                              "k": k, "measured_tok_s": row["output_tok_s"], "predicted_tok_s": predicted,
                              "error": predicted / row["output_tok_s"] - 1})

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import (
     RESULTS,
@@ -182,22 +183,31 @@ def bench(client, server, dataset: Path, concurrency: int, prompts: int, output_
     return result
 
 
+class ServerSetup(NamedTuple):
+    """One server of the benchmark: what it drafts with, and how it is started."""
+
+    mode: str  # "none", "vispec" or "eagle"
+    adaptive: bool  # the load-adaptive schedule on
+    k: int | None  # draft tokens per step (for an adaptive server, the most it drafts); None: no speculation
+    serve_args: list[str]  # `vllm serve` arguments beyond SERVER_ARGS
+    env: dict[str, str]  # environment of the server process
+
+
 def speculation_setups(vispec: Path, eagle: str, adaptive_k: int, fixed_ks: list[int], eagle_k: int
-                       ) -> dict[str, tuple[str, bool, int | None, list[str], dict[str, str]]]:
-    """Set-up name -> (mode, adaptive, K (the most an adaptive step drafts), `vllm serve` arguments
-    beyond SERVER_ARGS, environment of the server process), for the ViSpec draft `vispec`
-    (load-adaptive up to `adaptive_k`, and fixed at each of `fixed_ks`) and the plain EAGLE draft
-    `eagle` at `eagle_k`."""
+                       ) -> dict[str, ServerSetup]:
+    """Set-up name -> its server, for the ViSpec draft `vispec` (load-adaptive up to `adaptive_k`,
+    and fixed at each of `fixed_ks`) and the plain EAGLE draft `eagle` at `eagle_k`."""
     def vispec_config(k: int) -> list[str]:
         return ["--speculative-config", json.dumps({"model": str(vispec), "num_speculative_tokens": k})]
 
     eagle_config = ["--speculative-config", json.dumps({"method": "eagle", "model": eagle,
                                                         "num_speculative_tokens": eagle_k})]
-    setups = {"none": ("none", False, None, [], {}),
-              "vispec": ("vispec", True, adaptive_k, vispec_config(adaptive_k), {"VISPEC_VLLM_ADAPTIVE": "1"})}
+    setups = {"none": ServerSetup("none", False, None, [], {}),
+              "vispec": ServerSetup("vispec", True, adaptive_k, vispec_config(adaptive_k),
+                                    {"VISPEC_VLLM_ADAPTIVE": "1"})}
     for k in fixed_ks:
-        setups[fixed_setup(k)] = ("vispec", False, k, vispec_config(k), {"VISPEC_VLLM_ADAPTIVE": "0"})
-    setups["eagle"] = ("eagle", False, eagle_k, eagle_config, {})
+        setups[fixed_setup(k)] = ServerSetup("vispec", False, k, vispec_config(k), {"VISPEC_VLLM_ADAPTIVE": "0"})
+    setups["eagle"] = ServerSetup("eagle", False, eagle_k, eagle_config, {})
     return setups
 
 
@@ -421,7 +431,7 @@ def main() -> None:
 
     report = {"machine": machine_description(), "target": args.target.name, "draft": args.vispec.name,
               "image_tokens": args.image_tokens,
-              "num_speculative_tokens": {name: server_setups[name][2] for name in runs if name != "none"},
+              "num_speculative_tokens": {name: server_setups[name].k for name in runs if name != "none"},
               "repeats": args.repeats, "output_len": args.output_len,
               "seed": args.seed,
               "prompts": "one held-out scene image + the describe prompt per request, unique per request and per "
@@ -434,13 +444,13 @@ def main() -> None:
                         "a running request, zeros included",
               "runs": []}
     started = time.monotonic()
-    results = run_interleaved(args, {name: (SERVER_ARGS + server_setups[name][3], server_setups[name][4])
+    results = run_interleaved(args, {name: (SERVER_ARGS + server_setups[name].serve_args, server_setups[name].env)
                                      for name in runs}, started)
     for name in runs:
-        mode, adaptive, k, _, _ = server_setups[name]
+        setup = server_setups[name]
         for concurrency in args.concurrency:
             baseline = results.get(("none", concurrency))
-            report["runs"].append(summary_row(mode, adaptive, k, concurrency,
+            report["runs"].append(summary_row(setup.mode, setup.adaptive, setup.k, concurrency,
                                               num_prompts(args.prompts_per_concurrency, concurrency),
                                               results[(name, concurrency)], baseline))
     # The schedule's goal: at least 0.95x the best fixed K (medians), and never below no speculation.

@@ -305,7 +305,7 @@ def measure_itl(args: argparse.Namespace, modes: list[str]) -> list[dict]:
     for mode in modes:
         server_args = SERVER_ARGS if mode == "eager" else [a for a in SERVER_ARGS if a != "--enforce-eager"]
         started = time.monotonic()
-        results = run_interleaved(args, {name: (server_args + setups[name][3], setups[name][4])
+        results = run_interleaved(args, {name: (server_args + setups[name].serve_args, setups[name].env)
                                          for name in (vispec_fixed, "eagle")}, started)
         for concurrency in args.concurrency:
             itl = {name: [r["median_itl_ms"] for r in results[(name, concurrency)]]

@@ -27,7 +27,7 @@ def test_one_fixed_server_per_k():
         assert spec["num_speculative_tokens"] == k
         assert spec["model"] == ("/drafts/eagle" if mode == "eagle" else "/drafts/vispec")
         assert env.get("VISPEC_VLLM_ADAPTIVE") == {"vispec": "1", "eagle": None}.get(name, "0")
-    assert setups["vispec"][2] == 5 and setups["vispec-fixed-k2"][2] == 2 and setups["eagle"][2] == 3
+    assert setups["vispec"].k == 5 and setups["vispec-fixed-k2"].k == 2 and setups["eagle"].k == 3
 
 
 def row(mode: str, adaptive: bool, k: int | None, concurrency: int, tok_s: float, ratio_min: float | None = None):
