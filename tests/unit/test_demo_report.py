@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vispec_vllm.demo.run import draft_forward_ms, held_out_prompts, target_step_ms
+from vispec_vllm.demo.run import draft_forward_ms, held_out_prompts, target_step_ms, warmup_prompts
 from vispec_vllm.proposer_state import DraftTiming
 
 DEMO_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo.json"
@@ -52,13 +52,11 @@ def test_the_warm_up_uses_other_held_out_scenes_than_the_timed_prompts():
     from vispec_vllm.demo.target import RECIPES
 
     recipe = RECIPES[576]
-    timed, warmup = held_out_prompts(recipe, 6, 6)
+    timed, warmup = held_out_prompts(recipe, 6), warmup_prompts(recipe, 6, 6)
     timed_seeds = [scene.seed for scenes, _ in timed for scene in scenes]
     warmup_seeds = [scene.seed for scenes, _ in warmup for scene in scenes]
     assert len(timed) == 6 and len(warmup) == 6
     assert [len(scenes) for scenes, _ in timed] == [1, 1, 1, 1, 1, 2]  # one comparison of two images
+    assert [len(scenes) for scenes, _ in warmup] == [1] * 6
     assert not set(timed_seeds) & set(warmup_seeds)
-    assert set(timed_seeds + warmup_seeds) <= set(recipe.scenes.held_out_seeds(200)) | {
-        scene.seed for scenes, _ in timed for scene in scenes[1:]}  # a comparison's second scene
-    assert held_out_prompts(recipe, 6)[0] == timed  # the warm-up leaves the timed prompts as they were
-    assert held_out_prompts(recipe, 6)[1] == []
+    assert set(warmup_seeds) <= set(recipe.scenes.held_out_seeds(200))

@@ -76,20 +76,31 @@ def _run_requests(server, prompts: list[list[dict]], max_tokens: int) -> tuple[f
     return tokens / (time.monotonic() - started), answers
 
 
-def held_out_prompts(recipe, count: int, warmup: int = 0) -> tuple[list, list]:
-    """(`count` timed, `warmup` warm-up) held-out (scenes, messages) prompts as the target was
-    trained on them. The timed ones are description requests and, where the scenes have them, one
-    comparison of two images among them; the warm-up ones are other description requests, so the
-    timed prompts meet no cache that the warm-up filled."""
-    seeds = recipe.scenes.held_out_seeds(8 * (count + warmup))
+def _held_out_seeds(recipe, count: int) -> tuple[list[int], list[int]]:
+    """(description seeds, comparison seeds) among the first `count` held-out seeds."""
+    seeds = recipe.scenes.held_out_seeds(count)
     # Chosen by seed, so that only the prompts used draw their scenes.
     is_comparison = getattr(recipe.scenes, "is_comparison", lambda _seed: False)
-    one_image = [seed for seed in seeds if not is_comparison(seed)]
-    two_images = [seed for seed in seeds if is_comparison(seed)]
-    timed = one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
-    warmup_seeds = [seed for seed in one_image if seed not in timed][:warmup]
-    return ([recipe.scenes.training_prompt(seed) for seed in timed],
-            [recipe.scenes.training_prompt(seed) for seed in warmup_seeds])
+    return [seed for seed in seeds if not is_comparison(seed)], [seed for seed in seeds if is_comparison(seed)]
+
+
+def _timed_seeds(recipe, count: int) -> list[int]:
+    one_image, two_images = _held_out_seeds(recipe, 8 * count)
+    return one_image[: count - 1] + two_images[:1] if two_images and count > 1 else one_image[:count]
+
+
+def held_out_prompts(recipe, count: int) -> list[tuple[list, list[dict]]]:
+    """`count` held-out (scenes, messages) prompts as the target was trained on them: description
+    requests and, where the scenes have them, one comparison of two images among them."""
+    return [recipe.scenes.training_prompt(seed) for seed in _timed_seeds(recipe, count)]
+
+
+def warmup_prompts(recipe, count: int, timed_count: int) -> list[tuple[list, list[dict]]]:
+    """`count` other held-out description prompts: none is among `held_out_prompts(recipe,
+    timed_count)`, so the timed prompts meet no cache that a warm-up on these filled."""
+    timed = set(_timed_seeds(recipe, timed_count))
+    one_image, _ = _held_out_seeds(recipe, 8 * (count + timed_count))
+    return [recipe.scenes.training_prompt(seed) for seed in one_image if seed not in timed][:count]
 
 
 def _chat_content(scenes_: list, messages: list[dict]) -> list[dict]:
@@ -130,9 +141,10 @@ def run_demo(options: DemoOptions) -> dict:
     draft = drafts["vispec"]
     recipe = RECIPES[options.image_tokens]
     max_tokens = options.max_tokens or recipe.max_new_tokens
-    examples, warmup_examples = held_out_prompts(recipe, options.num_requests, options.warmup_requests)
+    examples = held_out_prompts(recipe, options.num_requests)
+    warmup_examples = warmup_prompts(recipe, options.warmup_requests, options.num_requests)
     prompts = [_chat_content(scenes_, messages) for scenes_, messages in examples]
-    warmup_prompts = [_chat_content(scenes_, messages) for scenes_, messages in warmup_examples]
+    warmup_contents = [_chat_content(scenes_, messages) for scenes_, messages in warmup_examples]
     common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt",
               '{"image": 2}']
     spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
@@ -149,9 +161,9 @@ def run_demo(options: DemoOptions) -> dict:
     repeats, answers = [], {"none": [], "vispec": []}
     with contextlib.ExitStack() as stack:
         servers = start_side_by_side(stack, setups, target, options.logs_dir, "demo-server-")
-        print(f"Warm-up: {len(warmup_prompts)} other held-out prompts to each server (untimed) ...", flush=True)
+        print(f"Warm-up: {len(warmup_contents)} other held-out prompts to each server (untimed) ...", flush=True)
         for server in servers.values():
-            _run_requests(server, warmup_prompts, max_tokens)
+            _run_requests(server, warmup_contents, max_tokens)
         for repeat in range(options.repeats):
             tok_s = {}
             for mode in (("none", "vispec") if repeat % 2 == 0 else ("vispec", "none")):
@@ -175,7 +187,7 @@ def run_demo(options: DemoOptions) -> dict:
         "k": options.num_speculative_tokens,
         "adaptive": os.environ.get("VISPEC_VLLM_ADAPTIVE", "1") != "0",
         "num_requests": len(prompts),
-        "warmup_requests": len(warmup_prompts),
+        "warmup_requests": len(warmup_contents),
         "outputs_identical": all(run == reference_answers for mode in answers.values() for run in mode),
         "mean_acceptance_length": acceptance,
         "tok_s_none": statistics.median(r["tok_s_none"] for r in repeats),
