@@ -4,6 +4,7 @@ forward alone at LLaVA-1.5-7B widths ("micro"), and the inter-token latency (ITL
 
     python benchmarks/step_cost.py                               # both parts, both modes
     python benchmarks/step_cost.py --part micro --modes eager    # the draft forward only, eagerly
+    python benchmarks/step_cost.py --micro-modes eager           # the draft forward eagerly, ITL both ways
     python benchmarks/step_cost.py --smoke ...                   # tiny widths, the 36-token pair (tests)
 
 How it measures:
@@ -329,6 +330,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("micro", "itl", "both"), default="both")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="eager (--enforce-eager / no compilation) and compiled (vLLM's default on CPU)")
+    parser.add_argument("--micro-modes", nargs="+", choices=MODES,
+                        help="the micro part's modes, when they differ from --modes")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
                         help="micro: the drafts' dtypes")
     parser.add_argument("--forwards", type=int, default=30, help="micro: timed forwards per draft and row set")
@@ -358,7 +361,7 @@ def main() -> None:
     if args.part in ("micro", "both"):
         report["micro"] = {"widths": asdict(widths), "block_size": BLOCK_SIZE,
                            "row_sets": [asdict(r) for r in sets]}
-        report["rows"] += measure_forward(widths, sets, args.modes, args.dtypes, args.forwards)
+        report["rows"] += measure_forward(widths, sets, args.micro_modes or args.modes, args.dtypes, args.forwards)
     if args.part in ("itl", "both"):
         report["itl"] = {"target": args.target.name, "vispec": args.vispec.name, "eagle": args.eagle.name,
                          "output_len": args.output_len, "prompts_per_concurrency": args.prompts_per_concurrency,

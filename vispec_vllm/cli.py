@@ -40,7 +40,7 @@ def _demo(args: argparse.Namespace) -> None:
     if args.warmup_requests < 1:
         sys.exit(f"--warmup-requests {args.warmup_requests}: at least one warm-up request is needed")
     run_demo(DemoOptions(num_requests=args.num_requests, max_tokens=args.max_tokens, repeats=args.repeats,
-                         warmup_requests=args.warmup_requests,
+                         warmup_requests=args.warmup_requests, compiled=args.compiled,
                          num_speculative_tokens=args.num_speculative_tokens, image_tokens=args.image_tokens,
                          out=args.out, logs_dir=DEFAULT_MODELS_DIR))
 
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--warmup-requests", type=int, default=6,
                       help="untimed requests to each server first, on other held-out scenes (default 6)")
     demo.add_argument("--num-speculative-tokens", type=int, default=5)
+    demo.add_argument("--compiled", action="store_true",
+                      help="both servers under vLLM's default compilation instead of --enforce-eager")
     demo.add_argument("--out", type=Path, default=Path("benchmarks/results/demo.json"),
                       help="where to write the report (JSON)")
     train = sub.add_parser("train", help="generate draft training data, or train a draft (stage 1 or 2)",

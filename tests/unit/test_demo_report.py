@@ -31,8 +31,9 @@ def test_target_step_is_the_mean_inter_token_latency():
     assert target_step_ms("") is None
 
 
-def test_demo_json_has_the_fields_users_and_the_readme_read():
-    report = json.loads(DEMO_JSON.read_text())
+@pytest.mark.parametrize("name", ["demo.json", "demo_compiled.json"])
+def test_demo_json_has_the_fields_users_and_the_readme_read(name):
+    report = json.loads((DEMO_JSON.parent / name).read_text())
     for field in ("machine", "target", "draft", "image_tokens", "max_tokens", "k", "adaptive", "num_requests",
                   "warmup_requests", "outputs_identical", "mean_acceptance_length", "tok_s_none", "tok_s_vispec",
                   "speedup", "speedup_min", "speedup_max", "repeats", "target_step_ms", "draft_forward_ms",
@@ -46,6 +47,7 @@ def test_demo_json_has_the_fields_users_and_the_readme_read():
         assert repeat["speedup"] == pytest.approx(repeat["tok_s_vispec"] / repeat["tok_s_none"])
     assert report["cost_ratio"] == pytest.approx(report["draft_forward_ms"] / report["target_step_ms"])
     assert report["outputs_identical"] is True
+    assert report["mode"] == ("compiled" if name == "demo_compiled.json" else "eager")
 
 
 def test_the_warm_up_uses_other_held_out_scenes_than_the_timed_prompts():

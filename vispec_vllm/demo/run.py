@@ -35,6 +35,8 @@ class DemoOptions:
     # Untimed requests to each server first, other held-out scenes: the ViSpec server's
     # load-adaptive schedule measures acceptance and step times and settles on its K meanwhile.
     warmup_requests: int = 6
+    # Both servers under vLLM's default compilation (Dynamo + Inductor on CPU) instead of eager.
+    compiled: bool = False
     out: Path = DEFAULT_OUT
     logs_dir: Path = Path.home() / ".cache" / "vispec-vllm"
 
@@ -145,8 +147,8 @@ def run_demo(options: DemoOptions) -> dict:
     warmup_examples = warmup_prompts(recipe, options.warmup_requests, options.num_requests)
     prompts = [_chat_content(scenes_, messages) for scenes_, messages in examples]
     warmup_contents = [_chat_content(scenes_, messages) for scenes_, messages in warmup_examples]
-    common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt",
-              '{"image": 2}']
+    common = ["--dtype", "float32", *([] if options.compiled else ["--enforce-eager"]), "--max-model-len", "2048",
+              "--limit-mm-per-prompt", '{"image": 2}']
     spec = {"model": str(draft), "num_speculative_tokens": options.num_speculative_tokens}
     # The ViSpec server times its drafting and logs it every 2 s (vispec_vllm/proposer_state.py).
     timing_env = {DRAFT_TIMING_ENV: "1", "VISPEC_VLLM_STATE_LOG_INTERVAL_S": "2"}
@@ -155,7 +157,7 @@ def run_demo(options: DemoOptions) -> dict:
     print(f"Demo pair: target {target.name} (trained on synthetic scenes, {recipe.num_image_tokens} image tokens "
           f"per image), ViSpec draft {draft.name}, K up to {options.num_speculative_tokens} (load-adaptive); "
           f"{len(prompts)} held-out prompts, one request at a time, {options.repeats} interleaved repeats after a "
-          f"warm-up.")
+          f"warm-up; both servers {'compiled' if options.compiled else 'eager (--enforce-eager)'}.")
     print(f"Starting two vLLM servers on 127.0.0.1 with the vispec-vllm plugin, without and with speculation "
           f"(logs: {options.logs_dir}/demo-server-*.log) ...", flush=True)
     repeats, answers = [], {"none": [], "vispec": []}
@@ -186,6 +188,7 @@ def run_demo(options: DemoOptions) -> dict:
         "max_tokens": max_tokens,
         "k": options.num_speculative_tokens,
         "adaptive": os.environ.get("VISPEC_VLLM_ADAPTIVE", "1") != "0",
+        "mode": "compiled" if options.compiled else "eager",
         "num_requests": len(prompts),
         "warmup_requests": len(warmup_contents),
         "outputs_identical": all(run == reference_answers for mode in answers.values() for run in mode),
