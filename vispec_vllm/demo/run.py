@@ -6,10 +6,10 @@ on both vLLM builds): one without speculation, one with the ViSpec draft. After 
 (untimed requests on other held-out scenes, during which the ViSpec server's load-adaptive schedule
 measures acceptance and step times and settles on its K), they take turns `repeats` times (the
 order alternates), answering the same held-out prompts, so drift in a shared machine's speed hits
-both alike. It reports identical outputs, vLLM's mean
-acceptance length, the output tokens/s ratio of each repeat (median, min, max), and the two times
-that bound the speed-up: the target's step (no speculation) and one draft forward. The numbers go
-to a JSON file (default `benchmarks/results/demo.json`) so that the README can quote them.
+both alike. It reports identical outputs, vLLM's mean acceptance length, the output tokens/s ratio
+of each repeat (median, min, max), and the two times that bound the speed-up: the target's step (no
+speculation) and one draft forward. The numbers go to a JSON file (default
+`benchmarks/results/demo.json`) so that the README can quote them.
 """
 
 from __future__ import annotations
