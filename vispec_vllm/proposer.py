@@ -122,49 +122,46 @@ class ViSpecProposer(EagleProposer):
         state.log_summary_now_and_then()
         query_start = cad.query_start_loc[: num_reqs + 1]
         query_start_cpu = cad.query_start_loc_cpu[: num_reqs + 1]
+        window_start = batch.num_computed_tokens_cpu[:num_reqs]
+        planned = np.flatnonzero(window_start < state.settled_from[:num_reqs])
+        if planned.size:
+            # A planned request's decode g is rewritten below, from the plan; zeroed first, its rows
+            # take their g from the plan alone (the plan gives them zero where they fuse none).
+            planned_rows = torch.from_numpy(planned).to(self.device)
+            state.decode_global_image_term[planned_rows] = 0
         num_rows = int(query_start_cpu[num_reqs])
         rows_per_request = (query_start[1:] - query_start[:-1]).long()
         row_request = torch.repeat_interleave(self.arange[:num_reqs].long(), rows_per_request, output_size=num_rows)
         decode_g = state.decode_global_image_term[row_request]
-        window_start = batch.num_computed_tokens_cpu[:num_reqs]
-        planned = np.flatnonzero(window_start < state.settled_from[:num_reqs])
         if planned.size == 0:  # every request settled (always so on a decode step)
             draft.set_text_rows(decode_g)
             return
         spans = {i: request_image_spans(requests[batch.req_ids[i]].mm_features, i) for i in planned.tolist()}
         images = [span for request_spans in spans.values() for span in request_spans]
-        plan = plan_rows(images, draft.num_q, query_start_cpu, torch.from_numpy(window_start),
-                         keep_image_rows=draft.keep_image_rows)
-        following = plan.following_global_feature_source[torch.from_numpy(planned)]
-        g_table, token_table = self._image_tables(images, plan.global_feature_source, following,
-                                                  plan.compressed_index)
-        is_planned_row = torch.zeros(num_reqs, dtype=torch.bool)
-        is_planned_row[torch.from_numpy(planned)] = True
-        rows_per_request_cpu = (query_start_cpu[1:] - query_start_cpu[:-1]).long()
-        is_planned_row = is_planned_row.repeat_interleave(rows_per_request_cpu, output_size=num_rows).to(self.device)
-        g = torch.where(is_planned_row[:, None], g_table[plan.global_feature_source.to(self.device)], decode_g)
+        # Requests that are not planned bring no image, so their rows fuse index -1 (zero) in the
+        # plan, and their decode g alone.
+        plan = plan_rows(images, draft.num_q, query_start_cpu, window_start, keep_image_rows=draft.keep_image_rows)
+        g_table, token_table = self._image_tables(images, plan.referenced_images)
+        g = decode_g + g_table[plan.global_feature_source.to(self.device)]
         draft.set_planned_rows(g, plan.is_dropped, plan.compressed_index, token_table)
 
         # The chain rows of this step fuse the row after each window; past the last image that is
         # the request's decode g for good.
+        following = plan.following_global_feature_source[torch.from_numpy(planned)]
         following_g = g_table[following.to(self.device)]
-        state.decode_global_image_term[torch.from_numpy(planned).to(self.device)] = following_g
-        window_end = window_start[planned] + rows_per_request_cpu.numpy()[planned]
+        state.decode_global_image_term[planned_rows] = following_g
+        query_start_np = query_start_cpu.numpy()
+        window_end = window_start[planned] + query_start_np[planned + 1] - query_start_np[planned]
         for j, i in enumerate(planned.tolist()):
             last_end_row = spans[i][-1].end_row if spans[i] else 0
             if window_end[j] >= last_end_row:
                 state.settle(i, batch.req_ids[i], last_end_row, following_g[j])
 
-    def _image_tables(self, images: list[ImageSpan], global_feature_source: torch.Tensor, following: torch.Tensor,
-                      compressed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_tables(self, images: list[ImageSpan], referenced: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(g per image, compressed tokens of image k at k * (num_q-1) + j), each with a zero last entry
-        (index -1: no image). Only images the plan refers to are looked up (a chunk inside an image
-        needs none); an image without state reads as zero."""
-        num_compressed = self.draft.num_q - 1
-        used = set(global_feature_source.unique().tolist()) | set(following.tolist())
-        if num_compressed:
-            used |= set((compressed[compressed >= 0] // num_compressed).unique().tolist())
-        found = self.state.compressed_images({k: images[k].mm_hash for k in used if k >= 0},
-                                             self.runner.encoder_cache, self.draft.compress_image)
-        return image_tables([found.get(k) for k in range(len(images))], num_compressed, self.hidden_size,
+        (index -1: no image). Only the images the plan refers to are looked up (a chunk inside an
+        image needs none); an image without state reads as zero."""
+        found = self.state.compressed_images({k: images[k].mm_hash for k in referenced}, self.runner.encoder_cache,
+                                             self.draft.compress_image)
+        return image_tables([found.get(k) for k in range(len(images))], self.draft.num_q - 1, self.hidden_size,
                             self.dtype, self.device)

@@ -72,8 +72,24 @@ def run_plan(images: list[list[Image]], num_q: int, windows: list[tuple[int, int
 
 
 def check(images, num_q, windows, order=None, keep_image_rows=False):
-    assert (run_plan(images, num_q, windows, order, keep_image_rows)
-            == naive_plan(images, num_q, windows, keep_image_rows))
+    expected = naive_plan(images, num_q, windows, keep_image_rows)
+    assert run_plan(images, num_q, windows, order, keep_image_rows) == expected
+    # The images the plan says its rows refer to: exactly those whose tokens or g a row takes.
+    _, compressed, global_feature_source, following = expected
+    num_compressed = num_q - 1
+    referenced = ({c // num_compressed for c in compressed if c >= 0} | {g for g in global_feature_source if g >= 0}
+                  | {g for g in following if g >= 0})
+    assert referenced_images(images, num_q, windows, order, keep_image_rows) == referenced
+
+
+def referenced_images(images, num_q, windows, order=None, keep_image_rows=False) -> set[int]:
+    flat = [(r, offset, length) for r, request_images in enumerate(images) for offset, length in request_images]
+    order = order or list(range(len(flat)))
+    spans = [ImageSpan(flat[i][1], flat[i][2], request=flat[i][0]) for i in order]
+    query_start = torch.tensor([0] + [end - start for start, end in windows]).cumsum(0)
+    plan = plan_rows(spans, num_q, query_start, torch.tensor([start for start, _ in windows]),
+                     keep_image_rows=keep_image_rows)
+    return {order[k] for k in plan.referenced_images}
 
 
 # -- hand-written cases -------------------------------------------------------------------------
