@@ -20,11 +20,14 @@ speculative-config patch when it installed its own table; a user's table is left
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from vispec_vllm.patches._wrap import wrap
 
 logger = logging.getLogger("vllm.vispec_vllm")
+# How often the engine logs the online schedule (the same interval as the proposer's state line).
+SCHEDULE_LOG_INTERVAL_S = float(os.environ.get("VISPEC_VLLM_STATE_LOG_INTERVAL_S", "60"))
 
 
 def _make_init(original_init):
@@ -34,6 +37,7 @@ def _make_init(original_init):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         original_init(self, vllm_config, *args, **kwargs)
         self.vispec_adaptive_schedule = None
+        self.vispec_schedule_logged_at = time.perf_counter()  # when the online schedule was last logged
         spec = vllm_config.speculative_config
         draft = spec.draft_model_config if spec is not None else None
         vispec = ViSpecDraftConfig.stored_in(draft.hf_config) if draft is not None else None
@@ -104,6 +108,9 @@ def _make_schedule(original_schedule):
             adaptive.online.step_scheduled(ScheduledStep(
                 started, len(output.num_scheduled_tokens), output.num_spec_tokens_to_schedule,
                 frozenset(output.num_scheduled_tokens), _decode_only(output)))
+            if started - self.vispec_schedule_logged_at >= SCHEDULE_LOG_INTERVAL_S:
+                self.vispec_schedule_logged_at = started
+                logger.info("vispec-vllm: online schedule: %s", adaptive.online.summary())
         return output
 
     return schedule

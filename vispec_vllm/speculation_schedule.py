@@ -180,8 +180,9 @@ class AdaptiveSchedule:
 # (least squares weighted by sample counts, so a K tried for a few steps borrows strength from the
 # K's measured often), then picks the K with the most tokens per second, tau(K) / step seconds(K),
 # tau being the measured mean acceptance length. Until a bucket has measured two K's, the engine
-# keeps the start-up table's K there (the cost model's; without a table, its prediction scaled by
-# the bucket's measured error decides). Now and then a neighbouring
+# keeps the K of the nearest bucket that has, or while none has the start-up table's K (the cost
+# model's; without a table, its prediction scaled by the bucket's measured error decides). Now and
+# then a neighbouring
 # K (and K = 0, no speculation) is tried for a few steps, so that every estimate stays current;
 # the interval between such probes doubles while they confirm the choice.
 
@@ -197,6 +198,10 @@ REFIT_EVERY = 8  # new steady samples in a bucket before its K is chosen again
 def batch_bucket(batch: int) -> int:
     """Batch sizes 1-4 each their own bucket; then 5-8, 9-16, 17-32, ... (the bucket's last size)."""
     return batch if batch <= 4 else 1 << (batch - 1).bit_length()
+
+
+def bucket_label(bucket: int) -> str:
+    return str(bucket) if bucket <= 4 else f"{bucket // 2 + 1}-{bucket}"
 
 
 def _least_squares(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float] | None:
@@ -310,6 +315,16 @@ class OnlineSchedule:
     def record_step(self, batch: int, k: int, seconds: float) -> None:
         self.times.observe(batch, k, seconds)
 
+    def summary(self) -> str:
+        """Per batch-size bucket: the K in force and, per K measured there, its mean step time and
+        steady steps (the engine logs this now and then)."""
+        parts = []
+        for bucket in sorted({b for b, _ in self.times.samples} | set(self.chosen)):
+            measured = ", ".join(f"K={k} {1e3 * self.times.seconds[(b, k)]:.1f} ms x{n}"
+                                 for (b, k), n in sorted(self.times.samples.items()) if b == bucket)
+            parts.append(f"batch {bucket_label(bucket)}: K={self.chosen.get(bucket, '-')} ({measured or 'unmeasured'})")
+        return "; ".join(parts) or "no step scheduled yet"
+
     def step_scheduled(self, step: ScheduledStep) -> None:
         """Called as each step is scheduled; times the step before it when that one was steady: a
         decode-only step of the same requests as the steps on both sides of it (nothing arrived or
@@ -320,13 +335,31 @@ class OnlineSchedule:
                 self.record_step(last.batch, last.k, step.started - last.started)
         self.recent_steps = [*self.recent_steps[-1:], step]
 
+    def learned(self, bucket: int) -> bool:
+        """Whether the bucket chose its K from its own measurements (two K's measured there)."""
+        return bucket in self.chosen and len(self.times.measured(bucket, self.max_k)) >= 2
+
+    def nearest_learned_k(self, bucket: int) -> int | None:
+        """The K of the learned bucket nearest to this one (on the buckets' log scale; the smaller
+        batch on a tie), or None while no bucket has learned."""
+        learned = [b for b in self.chosen if b != bucket and self.learned(b)]
+        if not learned:
+            return None
+        position = bucket.bit_length()
+        return self.chosen[min(learned, key=lambda b: (abs(b.bit_length() - position), b))]
+
     def best_k(self, batch: int, acceptance: AcceptanceCurve, default_k: int | None = None) -> int:
         """The K with the most expected tokens/s; the K in force unless another beats it by SWITCH_MARGIN.
-        Where given, `default_k` (the start-up table's K) stands until two K's of the bucket are measured."""
+        Where given, `default_k` (the start-up table's K) stands in a bucket until two of its K's
+        are measured, unless another bucket has learned its K by then: the nearest such bucket's
+        K stands instead. Measured step times have beaten the cost model's table wherever the two
+        disagreed, and at high concurrency steady steps (the only ones timed) can be rare for long,
+        so a bucket that has not learned yet starts from what its neighbour learned."""
         bucket = batch_bucket(batch)
         if default_k is not None and len(self.times.measured(batch, self.max_k)) < 2:
-            self.chosen[bucket] = default_k
-            return default_k
+            borrowed = self.nearest_learned_k(bucket)
+            self.chosen[bucket] = default_k if borrowed is None else borrowed
+            return self.chosen[bucket]
         samples = sum(n for (b, _), n in self.times.samples.items() if b == bucket)
         current = self.chosen.get(bucket)
         if current is not None and bucket in self.chosen_at:

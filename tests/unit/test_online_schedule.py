@@ -80,6 +80,29 @@ def test_turns_drafting_off_where_it_never_pays(batch):
     assert schedule.best_k(batch, ACCEPTANCE) == 0
 
 
+def test_a_bucket_not_yet_learned_starts_from_the_nearest_learned_bucket():
+    """Steady steps can be rare at high concurrency for long: until a bucket has measured two K's,
+    the K its nearest learned neighbour chose stands there instead of the start-up table's."""
+    fresh = OnlineSchedule(MAX_K, pessimistic_model)
+    assert fresh.step_k(16, ACCEPTANCE, default_k=1) == 1  # nothing learned anywhere: the table's K
+
+    schedule = OnlineSchedule(MAX_K, pessimistic_model)
+    serve(schedule, drafting_pays_everywhere, 8, 3000)  # bucket 5-8 learns
+    learned_at_8 = schedule.best_k(8, ACCEPTANCE)
+    assert learned_at_8 >= 3 and schedule.learned(batch_bucket(8))
+    assert schedule.step_k(12, ACCEPTANCE, default_k=1) == learned_at_8  # bucket 9-16, unmeasured
+    assert schedule.step_k(60, ACCEPTANCE, default_k=1) == learned_at_8  # bucket 33-64, unmeasured
+    assert not schedule.learned(batch_bucket(60))
+
+    serve(schedule, drafting_never_pays, 64, 3000)  # bucket 33-64 learns another K (none pays there)
+    assert schedule.best_k(64, ACCEPTANCE) == 0
+    assert schedule.step_k(30, ACCEPTANCE, default_k=1) == 0  # 17-32: nearer 33-64
+    assert schedule.step_k(12, ACCEPTANCE, default_k=1) == learned_at_8  # 9-16: nearer 5-8
+    # Once a bucket has measured two K's of its own, its own fit decides.
+    serve(schedule, drafting_never_pays, 2, 3000)
+    assert schedule.step_k(2, ACCEPTANCE, default_k=4) == schedule.best_k(2, ACCEPTANCE) == 0
+
+
 def test_probes_back_off_while_they_confirm_the_choice():
     schedule = OnlineSchedule(MAX_K, drafting_pays_everywhere)
     serve(schedule, drafting_pays_everywhere, 1, 4000, noise=0.0)
@@ -136,3 +159,12 @@ def test_only_steady_decode_steps_are_timed():
         schedule.step_scheduled(ScheduledStep(started, batch, k, requests, decode_only))
     assert schedule.times.samples == {(2, 3): 2}
     assert schedule.times.seconds[(2, 3)] == pytest.approx((0.01 + 0.02) / 2)
+
+
+def test_the_summary_names_each_bucket_its_k_and_measured_step_times():
+    schedule = OnlineSchedule(MAX_K, drafting_pays_everywhere)
+    assert schedule.summary() == "no step scheduled yet"
+    for _ in range(MIN_STEADY_SAMPLES):
+        schedule.record_step(6, 3, 0.025)
+    schedule.best_k(20, ACCEPTANCE, default_k=2)
+    assert schedule.summary() == "batch 5-8: K=- (K=3 25.0 ms x4); batch 17-32: K=2 (unmeasured)"
