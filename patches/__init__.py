@@ -154,6 +154,25 @@ that defines the attribute, or the owner for one inherited from `object`), then 
              path (prepare_next_token_ids_cpu) already does; report and reproduction:
              docs/upstream.md §3
 
+  unit       patches/draft_tokens_with_output.py
+  process    worker, engine core (every speculative method)
+  symbol     vllm.v1.worker.gpu_worker.Worker.sample_tokens (worker; CPUWorker inherits it)
+  symbol     vllm.v1.executor.abstract.Executor.sample_tokens (engine core; likewise below)
+  symbol     vllm.v1.executor.abstract.Executor.take_draft_token_ids
+  symbol     vllm.v1.executor.multiproc_executor.MultiprocExecutor.sample_tokens
+  symbol     vllm.v1.executor.multiproc_executor.MultiprocExecutor.take_draft_token_ids
+  symbol     vllm.v1.executor.uniproc_executor.UniProcExecutor.sample_tokens
+  symbol     vllm.v1.executor.uniproc_executor.UniProcExecutor.take_draft_token_ids
+  why        without async scheduling the engine core fetched each step's drafts in a third call to
+             the worker (EngineCore.post_step -> take_draft_token_ids); the runner now attaches them
+             to the output of sample_tokens and the executor hands them out without the call
+  relies on  ModelRunnerOutput pickled whole to the engine core (extra attribute included);
+             Worker.model_runner; GPUModelRunner.take_draft_token_ids, .num_spec_tokens,
+             .use_async_scheduling;
+             EMPTY_MODEL_RUNNER_OUTPUT; post_step calling take_draft_token_ids once per executed step
+  upstream   none known (async scheduling, where supported, moves drafts inside the worker instead)
+  can go     when vLLM returns draft token ids with the model runner's output
+
   unit       patches/cli_version.py
   process    vispec-vllm command (the `vispec-vllm serve|bench` process, an API server; applied by the
              command, not on plugin load)

@@ -8,6 +8,7 @@ from vispec_vllm.checkpoint_format import VISPEC_ARCHITECTURES
 from vispec_vllm.patches import (
     acceptance_feedback,
     cpu_sampling_fallbacks,
+    draft_tokens_with_output,
     eagle_chunk_boundary,
     eagle_proposer,
     image_limits,
@@ -29,8 +30,8 @@ from vispec_vllm.patches._wrap import PatchError
 # "uni" executor). A unit only changes symbols its process reads, so elsewhere it costs an import.
 PATCH_UNITS_BY_PROCESS: dict[str, tuple[ModuleType, ...]] = {
     "API server": (speculative_config, serve_flags, image_limits, request_kind_metrics, image_state_metrics),
-    "engine core": (acceptance_feedback, image_state_metrics),
-    "worker": (eagle_proposer, cpu_sampling_fallbacks, eagle_chunk_boundary),
+    "engine core": (acceptance_feedback, image_state_metrics, draft_tokens_with_output),
+    "worker": (eagle_proposer, cpu_sampling_fallbacks, eagle_chunk_boundary, draft_tokens_with_output),
     "any": (model_runner_choice,),
 }
 
