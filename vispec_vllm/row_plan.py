@@ -75,6 +75,21 @@ class RowPlan:
     referenced_images: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Window:
+    """One request's window: token positions [start, end), laid out from flat row first_flat_row."""
+
+    start: int
+    end: int
+    first_flat_row: int
+
+    def rows(self, lo: int, hi: int) -> slice:
+        """The flat rows of the window's positions in [lo, hi) (an empty slice when none)."""
+        lo = max(lo, self.start)
+        hi = max(min(hi, self.end), lo)
+        return slice(self.first_flat_row + lo - self.start, self.first_flat_row + hi - self.start)
+
+
 def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor | np.ndarray,
               window_start: torch.Tensor | np.ndarray, keep_image_rows: bool = False) -> RowPlan:
     """The row plan of a flat batch of windows (with `keep_image_rows`, one in which no row is dropped).
@@ -103,33 +118,25 @@ def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor
     order = sorted(range(len(images)), key=lambda k: (images[k].request, images[k].offset))
     for n, k in enumerate(order):
         image = images[k]
-        request = image.request
-        start, end = window_start[request], window_end[request]
-
-        def flat_rows(lo: int, hi: int, request: int = request, start: int = start, end: int = end) -> slice:
-            """The flat rows of the window's positions in [lo, hi) (empty when none)."""
-            lo, hi = max(lo, start), max(min(hi, end), max(lo, start))
-            return slice(query_start[request] + lo - start, query_start[request] + hi - start)
-
+        window = _Window(window_start[image.request], window_end[image.request], query_start[image.request])
         next_image = images[order[n + 1]] if n + 1 < len(order) else None
-        is_last = next_image is None or next_image.request != request
+        is_last = next_image is None or next_image.request != image.request
         # Text rows fuse this image's g up to the next image's first row.
-        next_first_row = end if is_last else next_image.offset - 1
+        next_first_row = window.end if is_last else next_image.offset - 1
         first_row, end_row = image.offset - 1, image.end_row
         compressed_from = max(end_row - num_compressed, first_row)
         if not keep_image_rows:
-            is_dropped[flat_rows(first_row, compressed_from)] = True
-        rows = flat_rows(compressed_from, end_row)
-        first_position = start + rows.start - query_start[request]
+            is_dropped[window.rows(first_row, compressed_from)] = True
+        compressed_rows = window.rows(compressed_from, end_row)
         # Token j of num_q-1 at row end_row - (num_q-1) + j.
-        compressed_index[rows] = (k * num_compressed + num_compressed - end_row
-                                  + np.arange(first_position, first_position + rows.stop - rows.start))
-        text_rows = flat_rows(end_row, next_first_row)
+        positions = np.arange(compressed_rows.start, compressed_rows.stop) - window.first_flat_row + window.start
+        compressed_index[compressed_rows] = k * num_compressed + num_compressed - end_row + positions
+        text_rows = window.rows(end_row, next_first_row)
         global_feature_source[text_rows] = k
-        is_following = end_row <= end and (is_last or end < next_first_row)
+        is_following = end_row <= window.end and (is_last or window.end < next_first_row)
         if is_following:
-            following[request] = k
-        if rows.stop > rows.start or text_rows.stop > text_rows.start or is_following:
+            following[image.request] = k
+        if compressed_rows.stop > compressed_rows.start or text_rows.stop > text_rows.start or is_following:
             referenced.append(k)
     return RowPlan(*map(torch.from_numpy, (is_dropped, compressed_index, global_feature_source, following)),
                    referenced_images=tuple(sorted(referenced)))
