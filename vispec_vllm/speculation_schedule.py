@@ -311,9 +311,15 @@ class OnlineSchedule:
     chosen_at: dict[int, tuple[int, AcceptanceCurve]] = field(default_factory=dict)
     # The last two steps scheduled, for timing the last one once the next is scheduled.
     recent_steps: list[ScheduledStep] = field(default_factory=list)
+    # Buckets with two K's measured. Samples only grow, so a bucket never leaves this set; kept so
+    # that a bucket still learning does not re-derive every bucket's measurements on each step.
+    measured_buckets: set[int] = field(default_factory=set)
 
     def record_step(self, batch: int, k: int, seconds: float) -> None:
         self.times.observe(batch, k, seconds)
+        bucket = batch_bucket(batch)
+        if bucket not in self.measured_buckets and len(self.times.measured(batch, self.max_k)) >= 2:
+            self.measured_buckets.add(bucket)
 
     def summary(self) -> str:
         """Per batch-size bucket: the K in force and, per K measured there, its mean step time and
@@ -337,7 +343,7 @@ class OnlineSchedule:
 
     def learned(self, bucket: int) -> bool:
         """Whether the bucket chose its K from its own measurements (two K's measured there)."""
-        return bucket in self.chosen and len(self.times.measured(bucket, self.max_k)) >= 2
+        return bucket in self.chosen and bucket in self.measured_buckets
 
     def nearest_learned_k(self, bucket: int) -> int | None:
         """The K of the learned bucket nearest to this one (on the buckets' log scale; the smaller
@@ -356,7 +362,7 @@ class OnlineSchedule:
         disagreed, and at high concurrency steady steps (the only ones timed) can be rare for long,
         so a bucket that has not learned yet starts from what its neighbour learned."""
         bucket = batch_bucket(batch)
-        if default_k is not None and len(self.times.measured(batch, self.max_k)) < 2:
+        if default_k is not None and bucket not in self.measured_buckets:
             borrowed = self.nearest_learned_k(bucket)
             self.chosen[bucket] = default_k if borrowed is None else borrowed
             return self.chosen[bucket]
