@@ -169,7 +169,7 @@ class DraftUnderTest:
         import torch
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
-        from vispec_vllm.row_plan import ImageSpan, plan_rows
+        from vispec_vllm.row_plan import ImageSpan, dropped_key_blocks, key_block_index, plan_rows
 
         requests, per_request = rows.requests, rows.rows_per_request
         num_rows = requests * per_request
@@ -180,11 +180,21 @@ class DraftUnderTest:
         request = torch.arange(requests).repeat_interleave(per_request)
         slot_mapping = (block_table[request, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE)
         query_start = torch.arange(requests + 1, dtype=torch.int32) * per_request
+        seq_lens = torch.full((requests,), seq_len, dtype=torch.int32)
+        read_table = block_table
+        if self.vispec and rows.context > rows.text_before_image + rows.image_tokens:
+            # Every query lies past the image: the draft's attention skips the KV blocks of dropped
+            # image rows, as the proposer has it read them (ViSpecProposerState.key_blocks_read).
+            image = ImageSpan(rows.text_before_image, rows.image_tokens)
+            dropped = dropped_key_blocks([image], self.model.num_q, BLOCK_SIZE)
+            index, skipped = key_block_index([dropped] * requests, blocks_per_request)
+            read_table = block_table.gather(1, torch.from_numpy(index)).to(block_table.dtype)
+            seq_lens = seq_lens - torch.from_numpy(skipped * BLOCK_SIZE).to(seq_lens.dtype)
         common = CommonAttentionMetadata(
             query_start_loc=query_start, query_start_loc_cpu=query_start,
-            seq_lens=torch.full((requests,), seq_len, dtype=torch.int32), num_reqs=requests,
+            seq_lens=seq_lens, num_reqs=requests,
             num_actual_tokens=num_rows, max_query_len=per_request, max_seq_len=seq_len,
-            block_table_tensor=block_table, slot_mapping=slot_mapping)
+            block_table_tensor=read_table, slot_mapping=slot_mapping)
         self.metadata = {self.attention.layer_name: self.builder.build(0, common)}
         self.slot_mapping = {self.attention.layer_name: slot_mapping}
         if self.vispec:

@@ -25,6 +25,9 @@ from conftest import (
 from proposal_recorder import record_proposals as record
 from vispec_reference import ReferenceViSpecDraft, target_lm_head
 
+from vispec_vllm.proposer_state import ViSpecProposerState
+from vispec_vllm.row_plan import ImageSpan, dropped_key_blocks
+
 FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl"]
 NUM_SPECULATIVE_TOKENS = 3
 TWO_IMAGE_PROMPT = [{"role": "user", "content": [image_part("purple"), text_part("What is left?"),
@@ -76,10 +79,22 @@ def test_lossless_with_prefix_cache_hits(family, spec_llm):
 
 def test_fidelity_against_independent_reference(family, spec_llm):
     _, target, draft, _ = family
-    recorder, sequence = record(spec_llm, TWO_IMAGE_PROMPT)
+    drafter = model_runner_of(spec_llm).drafter
+    # Where an image fills whole KV blocks with dropped rows, the draft's attention skips them
+    # (ViSpecProposerState.key_blocks_read); the reference attends over every row, masking them.
+    reads = []
+    drafter.state.key_blocks_read = lambda *args: reads.append(ViSpecProposerState.key_blocks_read(
+        drafter.state, *args)) or reads[-1]
+    try:
+        recorder, sequence = record(spec_llm, TWO_IMAGE_PROMPT)
+    finally:
+        del drafter.state.key_blocks_read
     assert len(recorder.images) == 2 and len(recorder.steps) >= 5
     reference = ReferenceViSpecDraft(draft, target_lm_head(target))
     images = sorted(recorder.images.values(), key=lambda image: image[0])
+    spans = [ImageSpan(offset, length) for offset, length, _ in images]
+    whole_blocks = dropped_key_blocks(spans, drafter.draft.num_q, drafter.block_size).size
+    assert any(read is not None for read in reads) == bool(whole_blocks)
     for step in recorder.steps:
         assert step.next_token == sequence[step.last_row + 1]
         expected = reference.propose(sequence[: step.last_row + 2], recorder.target_hidden, images,

@@ -30,7 +30,10 @@ holds 1 and a dropped row's key holds -KEY_MASK_VALUE. The mask is thereby store
 cache itself, so it holds for later chunks, decode steps and prefix-cache hits on every attention
 backend, CPU included, while draft slots stay equal to target positions. The padded head size
 comes with the draft's `ViSpecDraftConfig` (vispec_vllm/checkpoint_format.py), which the draft
-reads once, as it reads num_q, head_dim, the biases and the tensors the loader skips.
+reads once, as it reads num_q, head_dim, the biases and the tensors the loader skips. Once a
+request's rows lie past its images, its attention also skips the KV blocks that hold only dropped
+rows (`ViSpecProposer.build_per_group_and_layer_attn_metadata`): zero weight either way, fewer keys
+read, so the wider head costs less than it would over the whole context.
 
 Which row is which reaches the draft through row buffers it owns (global image term, compressed
 token, compressed and dropped flags), which `ViSpecProposer` fills in place before every forward.

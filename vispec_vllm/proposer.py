@@ -35,7 +35,7 @@ from vispec_vllm.proposer_state import (
     image_tables,
     request_image_spans,
 )
-from vispec_vllm.row_plan import ImageSpan, plan_rows
+from vispec_vllm.row_plan import ImageSpan, dropped_key_blocks, plan_rows
 
 logger = logging.getLogger("vllm.vispec_vllm")
 
@@ -108,6 +108,26 @@ class ViSpecProposer(EagleProposer):
         return super()._update_positions_dependent_metadata(positions, common_attn_metadata, batch_size,
                                                             input_batch_size, block_size)
 
+    def build_per_group_and_layer_attn_metadata(self, common_attn_metadata: CommonAttentionMetadata,
+                                                draft_index: int = 0):
+        # Every forward's attention reads through this: rows of settled requests skip the KV
+        # blocks that hold only dropped image rows (zero weight for every query past them), so
+        # the draft reads no more keys than the image's compressed rows and the text need. Cache
+        # writes keep the full table (vLLM passes their slots separately).
+        cad = common_attn_metadata
+        table = cad.block_table_tensor
+        read = self.state.key_blocks_read(self.runner.input_batch.num_computed_tokens_cpu, table.shape[0],
+                                          table.shape[1], self.block_size)
+        if read is not None:
+            skipped = read.skipped_rows[: table.shape[0]].to(cad.seq_lens.dtype)
+            upper_bound = cad.seq_lens_cpu_upper_bound
+            cad = cad.replace(block_table_tensor=table.gather(1, read.index[: table.shape[0]].to(table.device)
+                                                              ).to(table.dtype),
+                              seq_lens=cad.seq_lens - skipped,
+                              seq_lens_cpu_upper_bound=None if upper_bound is None else upper_bound - skipped.cpu(),
+                              _num_computed_tokens_cache=None)
+        return super().build_per_group_and_layer_attn_metadata(cad, draft_index)
+
     def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
                   slot_mappings=None) -> None:
         self.draft.clear_row_inputs()  # profile, capture and idle runs see no image anywhere
@@ -155,7 +175,8 @@ class ViSpecProposer(EagleProposer):
         for j, i in enumerate(planned.tolist()):
             last_end_row = spans[i][-1].end_row if spans[i] else 0
             if window_end[j] >= last_end_row:
-                state.settle(i, batch.req_ids[i], last_end_row, following_g[j])
+                state.settle(i, batch.req_ids[i], last_end_row, following_g[j],
+                             dropped_key_blocks(spans[i], draft.num_q, self.block_size, draft.keep_image_rows))
 
     def _image_tables(self, images: list[ImageSpan], referenced: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(g per image, compressed tokens of image k at k * (num_q-1) + j), each with a zero last entry

@@ -23,12 +23,12 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from vispec_vllm.row_plan import ImageSpan
+from vispec_vllm.row_plan import ImageSpan, key_block_index
 
 logger = logging.getLogger("vllm.vispec_vllm")
 
@@ -101,12 +101,28 @@ def image_tables(images: list[CompressedImage | None], num_compressed: int, hidd
             torch.cat([image.compressed_tokens for image in tables] + [zero[None]]))
 
 
+NO_BLOCKS = np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class SettledRequest:
-    """From token position `from_position` on, every row of the request fuses `global_image_term`."""
+    """From token position `from_position` on, every row of the request fuses `global_image_term`;
+    its draft attention may skip `dropped_key_blocks` (vispec_vllm/row_plan.py `dropped_key_blocks`)."""
 
     from_position: int
     global_image_term: torch.Tensor  # [H]
+    dropped_key_blocks: np.ndarray = field(default_factory=lambda: NO_BLOCKS)
+
+
+@dataclass(frozen=True)
+class KeyBlocksRead:
+    """The draft attention's view of the batch's block table for one set of rows (see
+    `ViSpecProposerState.key_blocks_read`)."""
+
+    active_rows: bytes  # the rows it applies to, as a bool mask's bytes (the cache key)
+    width: int
+    index: torch.Tensor  # [rows, width] block index into each row of the block table
+    skipped_rows: torch.Tensor  # [rows] keys left out per row (blocks x block size)
 
 
 class ViSpecProposerState:
@@ -131,6 +147,12 @@ class ViSpecProposerState:
         self.batch_req_ids: list[str] = []
         self.settled_from = np.full(max_batch_size, NOT_SETTLED, dtype=np.int64)
         self.decode_global_image_term = torch.zeros(max_batch_size, hidden_size, dtype=dtype, device=device)
+        # Per row: the KV blocks of dropped image rows its settled request's attention may skip; and
+        # the view of the block table built from them, kept while the rows that skip stay the same.
+        self.dropped_key_blocks: list[np.ndarray] = [NO_BLOCKS] * max_batch_size
+        self.skips_key_blocks = np.zeros(max_batch_size, dtype=bool)
+        self.key_blocks: KeyBlocksRead | None = None
+        self.device = device
 
     def remember(self, mm_hash: str, image: CompressedImage) -> None:
         self.images[mm_hash] = image
@@ -192,6 +214,7 @@ class ViSpecProposerState:
         if req_ids == previous:
             return
         self.batch_req_ids = list(req_ids)
+        self.key_blocks = None
         for req_id in [r for r in self.settled if r not in requests]:
             del self.settled[req_id]
         changed = [row for row, req_id in enumerate(req_ids) if row >= len(previous) or previous[row] != req_id]
@@ -199,6 +222,8 @@ class ViSpecProposerState:
         for row in changed:
             req_id = req_ids[row]
             entry = self.settled.get(req_id)
+            self.dropped_key_blocks[row] = NO_BLOCKS if entry is None else entry.dropped_key_blocks
+            self.skips_key_blocks[row] = self.dropped_key_blocks[row].size > 0
             if entry is not None:
                 self.settled_from[row] = entry.from_position
                 settled_rows.append(row)
@@ -211,10 +236,34 @@ class ViSpecProposerState:
         if settled_rows:
             self.decode_global_image_term[settled_rows] = torch.stack(features)
 
-    def settle(self, row: int, req_id: str, from_position: int, global_image_term: torch.Tensor) -> None:
-        self.settled[req_id] = SettledRequest(from_position, global_image_term.clone())
+    def settle(self, row: int, req_id: str, from_position: int, global_image_term: torch.Tensor,
+               dropped_key_blocks: np.ndarray = NO_BLOCKS) -> None:
+        self.settled[req_id] = SettledRequest(from_position, global_image_term.clone(), dropped_key_blocks)
         self.settled_from[row] = from_position
         self.decode_global_image_term[row] = global_image_term
+        self.dropped_key_blocks[row] = dropped_key_blocks
+        self.skips_key_blocks[row] = dropped_key_blocks.size > 0
+        self.key_blocks = None
+
+    def key_blocks_read(self, window_start: np.ndarray, num_rows: int, width: int, block_size: int,
+                        ) -> KeyBlocksRead | None:
+        """How the draft attention reads the first `num_rows` rows of a block table `width` blocks
+        wide, or None where it reads every block: a row whose request had settled before this step's
+        window (`window_start`, its first query position) skips its dropped key blocks, which lie
+        before every query of the row. A row that settles during this step still has query rows
+        among its image rows, so it reads every block until its next step."""
+        rows = min(len(self.batch_req_ids), num_rows)
+        active = np.zeros(num_rows, dtype=bool)
+        active[:rows] = self.skips_key_blocks[:rows] & (self.settled_from[:rows] <= window_start[:rows])
+        if not active.any():
+            return None
+        key = active.tobytes()
+        if self.key_blocks is None or self.key_blocks.active_rows != key or self.key_blocks.width != width:
+            index, skipped = key_block_index([self.dropped_key_blocks[row] if active[row] else NO_BLOCKS
+                                              for row in range(num_rows)], width)
+            self.key_blocks = KeyBlocksRead(key, width, torch.from_numpy(index).to(self.device),
+                                            torch.from_numpy(skipped * block_size).to(self.device))
+        return self.key_blocks
 
     def take_new_image_state_misses(self) -> int:
         new = self.image_state_misses - self.reported_image_state_misses

@@ -140,3 +140,38 @@ def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor
             referenced.append(k)
     return RowPlan(*map(torch.from_numpy, (is_dropped, compressed_index, global_feature_source, following)),
                    referenced_images=tuple(sorted(referenced)))
+
+
+def dropped_key_blocks(images: Sequence[ImageSpan], num_q: int, block_size: int,
+                       keep_image_rows: bool = False) -> np.ndarray:
+    """The KV-cache blocks of one request every row of which is a dropped image row, ascending.
+
+    The draft's key at position p sits in slot p, so block b holds the keys of positions
+    [b * block_size, (b + 1) * block_size). A query past the image gives such a block's keys zero
+    weight (the key-mask channel), so the draft's attention may skip the whole block: the same
+    output, fewer keys read.
+    """
+    blocks = []
+    if not keep_image_rows:
+        for image in images:
+            first_row = image.offset - 1
+            compressed_from = max(image.end_row - (num_q - 1), first_row)
+            blocks.append(np.arange(-(-first_row // block_size), compressed_from // block_size))
+    return np.unique(np.concatenate(blocks)) if blocks else np.zeros(0, dtype=np.int64)
+
+
+def key_block_index(dropped_blocks: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per request (a row of a block table `width` blocks wide): the index of each block its
+    attention reads, its dropped blocks left out and the rest in order (the tail repeats the last
+    block; no query reads past its shortened length), and the number of blocks left out.
+    `table.gather(1, index)` is the table of the blocks read; each sequence is that many blocks
+    times the block size shorter."""
+    index = np.broadcast_to(np.arange(width, dtype=np.int64), (len(dropped_blocks), width)).copy()
+    skipped = np.zeros(len(dropped_blocks), dtype=np.int64)
+    for row, blocks in enumerate(dropped_blocks):
+        blocks = blocks[blocks < width]
+        if 0 < blocks.size < width:
+            kept = np.delete(index[row], blocks)
+            index[row, : kept.size], index[row, kept.size:] = kept, kept[-1]
+            skipped[row] = blocks.size
+    return index, skipped

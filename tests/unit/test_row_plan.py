@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from vispec_vllm.row_plan import ImageSpan, plan_rows
+from vispec_vllm.row_plan import ImageSpan, dropped_key_blocks, key_block_index, plan_rows
 
 Image = tuple[int, int]  # (offset, length)
 
@@ -222,3 +223,30 @@ def test_random_batches(num_q, keep_image_rows):
             images.append(request_images)
         flat = sum(len(i) for i in images)
         check(images, num_q, windows, order=rng.sample(range(flat), flat), keep_image_rows=keep_image_rows)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dropped_key_blocks_are_the_blocks_every_row_of_which_the_plan_drops(seed):
+    rng = np.random.default_rng(seed)
+    block_size, num_q = int(rng.choice([4, 8, 32])), int(rng.integers(1, 4))
+    images, offset = [], int(rng.integers(1, 10))
+    for _ in range(int(rng.integers(1, 4))):
+        length = int(rng.integers(1, 80))
+        images.append(ImageSpan(offset, length))
+        offset += length + int(rng.integers(0, 20))
+    length = offset + 5
+    plan = plan_rows(images, num_q, np.array([0, length]), np.array([0]))
+    dropped = plan.is_dropped.numpy()
+    expected = [b for b in range(length // block_size) if dropped[b * block_size:(b + 1) * block_size].all()]
+    assert dropped_key_blocks(images, num_q, block_size).tolist() == expected
+    assert dropped_key_blocks(images, num_q, block_size, keep_image_rows=True).size == 0
+
+
+def test_the_key_block_index_leaves_out_each_rows_dropped_blocks():
+    width = 6
+    table = np.arange(100, 100 + 3 * width).reshape(3, width)
+    index, skipped = key_block_index([np.array([1, 2]), np.zeros(0, dtype=np.int64), np.array([0, 4, 9])], width)
+    read = np.take_along_axis(table, index, 1)
+    assert read[0, :4].tolist() == [100, 103, 104, 105] and read[1].tolist() == table[1].tolist()
+    assert read[2, :4].tolist() == [113, 114, 115, 117]  # block 9 lies past the table: not counted
+    assert skipped.tolist() == [2, 0, 2]
