@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,3 +188,28 @@ def test_misses_flow_from_runner_to_counter(metrics_patch):
     before = REGISTRY.get_sample_value(name)
     record(None, stats, None)
     assert REGISTRY.get_sample_value(name) == before + 8
+
+
+def test_settled_rows_read_the_block_table_without_their_dropped_blocks():
+    rows = state(capacity=4)
+    with_image = SimpleNamespace(mm_features=[SimpleNamespace(modality="image", identifier="x",
+                                                              mm_position=SimpleNamespace(offset=2, length=40))])
+    requests = {"r1": with_image, "r2": SimpleNamespace(mm_features=[]), "r3": with_image}
+    rows.sync_batch(["r1", "r2", "r3"], requests)
+    width, block_size = 8, 8
+    window_start = np.array([50, 7, 30, 0])
+    assert rows.key_blocks_read(window_start, 3, width, block_size) is None  # nobody settled yet
+    rows.settle(0, "r1", 41, torch.ones(HIDDEN), np.array([1, 2, 3]))
+    rows.settle(2, "r3", 41, torch.ones(HIDDEN), np.array([1, 2, 3]))
+    read = rows.key_blocks_read(window_start, 3, width, block_size)
+    # r1's window starts past its image: it skips blocks 1-3 (24 keys). r3 settled during this
+    # step (its window starts inside the image) and r2 has no image: both read every block.
+    assert read.index[0].tolist()[:5] == [0, 4, 5, 6, 7] and read.index[1:].tolist() == [list(range(width))] * 2
+    assert read.skipped_rows.tolist() == [24, 0, 0]
+    assert rows.key_blocks_read(window_start, 3, width, block_size) is read  # the same rows: kept
+    # r3's next step starts past its image; then r1 leaves the batch and r3 moves to row 0.
+    both = rows.key_blocks_read(np.array([54, 8, 45, 0]), 3, width, block_size)
+    assert both.skipped_rows.tolist() == [24, 0, 24]
+    rows.sync_batch(["r3", "r2"], {"r2": requests["r2"], "r3": with_image})
+    moved = rows.key_blocks_read(np.array([46, 9, 0, 0]), 2, width, block_size)
+    assert moved.skipped_rows.tolist() == [24, 0] and moved.index[0].tolist()[:2] == [0, 4]
