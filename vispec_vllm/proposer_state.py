@@ -9,6 +9,9 @@
   row's request is settled and that g as one device tensor, so that a decode step needs no
   per-request Python work. Re-derived only when the batch's requests or their order change; a
   request's entry is freed when it leaves.
+- Per settled request, the KV blocks that hold only its dropped image rows, and the view of the
+  block table without them that the draft's attention reads (`key_blocks_read`), rebuilt only when
+  the rows that skip blocks change.
 - The count of image-state misses (an image needed after it left both this state and vLLM's
   encoder cache), the one warning about them, and when the state was last logged.
 
