@@ -256,6 +256,8 @@ class ViSpecProposerState:
         before every query of the row. A row that settles during this step still has query rows
         among its image rows, so it reads every block until its next step."""
         rows = min(len(self.batch_req_ids), num_rows)
+        if not self.skips_key_blocks[:rows].any():  # the common case without whole dropped blocks: no work
+            return None
         active = np.zeros(num_rows, dtype=bool)
         active[:rows] = self.skips_key_blocks[:rows] & (self.settled_from[:rows] <= window_start[:rows])
         if not active.any():
