@@ -118,11 +118,10 @@ class ViSpecProposer(EagleProposer):
         table = cad.block_table_tensor
         read = self.state.key_blocks_read(self.runner.input_batch.num_computed_tokens_cpu, table.shape[0],
                                           table.shape[1], self.block_size)
-        if read is not None:
-            skipped = read.skipped_rows[: table.shape[0]].to(cad.seq_lens.dtype)
+        if read is not None:  # built for exactly table.shape[0] rows, on the proposer's device
+            skipped = read.skipped_rows.to(cad.seq_lens.dtype)
             upper_bound = cad.seq_lens_cpu_upper_bound
-            cad = cad.replace(block_table_tensor=table.gather(1, read.index[: table.shape[0]].to(table.device)
-                                                              ).to(table.dtype),
+            cad = cad.replace(block_table_tensor=table.gather(1, read.index).to(table.dtype),
                               seq_lens=cad.seq_lens - skipped,
                               seq_lens_cpu_upper_bound=None if upper_bound is None else upper_bound - skipped.cpu(),
                               _num_computed_tokens_cache=None)

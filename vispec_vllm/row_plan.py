@@ -46,9 +46,19 @@ class ImageSpan:
     mm_hash: str | None = None
 
     @property
+    def first_row(self) -> int:
+        """The image's first row: it pairs the token before the image with the first image token."""
+        return self.offset - 1
+
+    @property
     def end_row(self) -> int:
         """First row after the image's rows: it pairs the last image token's hidden state."""
         return self.offset + self.length - 1
+
+    def first_compressed_row(self, num_q: int) -> int:
+        """The first of the image's last num_q-1 rows, which hold its compressed tokens; the image
+        rows before it are the dropped ones (unless image rows are kept)."""
+        return max(self.end_row - (num_q - 1), self.first_row)
 
 
 @dataclass(frozen=True)
@@ -123,8 +133,7 @@ def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor
         is_last = next_image is None or next_image.request != image.request
         # Text rows fuse this image's g up to the next image's first row.
         next_first_row = window.end if is_last else next_image.offset - 1
-        first_row, end_row = image.offset - 1, image.end_row
-        compressed_from = max(end_row - num_compressed, first_row)
+        first_row, end_row, compressed_from = image.first_row, image.end_row, image.first_compressed_row(num_q)
         if not keep_image_rows:
             is_dropped[window.rows(first_row, compressed_from)] = True
         compressed_rows = window.rows(compressed_from, end_row)
@@ -154,9 +163,7 @@ def dropped_key_blocks(images: Sequence[ImageSpan], num_q: int, block_size: int,
     blocks = []
     if not keep_image_rows:
         for image in images:
-            first_row = image.offset - 1
-            compressed_from = max(image.end_row - (num_q - 1), first_row)
-            blocks.append(np.arange(-(-first_row // block_size), compressed_from // block_size))
+            blocks.append(np.arange(-(-image.first_row // block_size), image.first_compressed_row(num_q) // block_size))
     return np.unique(np.concatenate(blocks)) if blocks else np.zeros(0, dtype=np.int64)
 
 
