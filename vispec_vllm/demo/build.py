@@ -215,9 +215,12 @@ def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes:
     out_dir = Path(out_dir)
     work = out_dir / "fp32"
     trained_target = work / recipe.name
-    if not (trained_target / DONE_MARKER).exists():
+    if not target_trained(trained_target, recipe):
+        if (trained_target / DONE_MARKER).exists():  # a finished target trains on: its records and drafts go stale
+            (trained_target / DONE_MARKER).unlink()
+            forget_derived(work)
         train_demo_target(trained_target, target_minutes, recipe=recipe, threads=2)  # nothing else runs yet
-        (trained_target / DONE_MARKER).write_text("")
+        (trained_target / DONE_MARKER).write_text(_trained_budget(recipe))
     # Records and drafts use the fp16 copy that ships, so drafts learn the target that is served.
     shipped = {"target": out_dir / recipe.name}
     export_fp16(trained_target, shipped["target"])
@@ -227,6 +230,24 @@ def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes:
         shipped[kind] = out_dir / f"{recipe.name}-{kind}"
         export_fp16(trained, shipped[kind])
     return shipped
+
+
+def _trained_budget(recipe: TargetRecipe) -> str:
+    """What a target's done marker holds: a step budget's total steps (empty for a time budget)."""
+    return str(recipe.total_steps) if recipe.steps else ""
+
+
+def target_trained(trained_target: Path, recipe: TargetRecipe) -> bool:
+    """Whether `trained_target` finished its recipe's budget. The marker holds the step total, so a
+    recipe given more steps (a restart) resumes the training state instead of counting as done."""
+    marker = trained_target / DONE_MARKER
+    return marker.exists() and marker.read_text() == _trained_budget(recipe)
+
+
+def forget_derived(work: Path) -> None:
+    """Remove the records and drafts in `work`: they were made from a target that has trained on."""
+    for derived in [*work.glob("records-*"), *work.glob("seed-*")]:
+        shutil.rmtree(derived)
 
 
 def export_fp16(src: Path, dst: Path) -> None:
