@@ -64,7 +64,12 @@ def main() -> None:
         return sum(item["correct"] for item in items) / len(items)
 
     first = scenes[:20]
-    which = f"--recipe {args.recipe} --target {target}" if args.recipe else f"--image-tokens {args.image_tokens}"
+    # The command as a user reruns it: the target relative to the checkout where it lies in it.
+    shown_target = target.resolve()
+    if shown_target.is_relative_to(Path.cwd()):
+        shown_target = shown_target.relative_to(Path.cwd())
+    which = f"--recipe {args.recipe} --target {shown_target}" if args.recipe else f"--image-tokens {args.image_tokens}"
+    which += f" --num-images {args.num_images}"
     report = {"machine": machine_description(), "target": target.name, "image_tokens": recipe.num_image_tokens,
               "command": f"python benchmarks/description_accuracy.py {which}",
               "held_out": "seeds from HELD_OUT_START on"

@@ -1,6 +1,6 @@
 """The shipped demo pairs (vispec_vllm/demo/models), at 36 and at 576 image tokens per image:
 speculation is lossless on held-out prompts (one image, and on the 576 pair two images), the
-trained ViSpec draft is accepted at the rate measured for it, and on the 36 pair above the same
+trained ViSpec draft is accepted at the rate measured for it, and above the same
 draft with its vision adaptor's output held at zero (same weights otherwise: what the adaptor
 contributes), on the same prompts; the 576 target (scene-llava-deep) describes held-out scenes as
 well as measured."""
@@ -38,13 +38,13 @@ CASES = {
     # adaptor zeroed 3.35.
     36: PairCase(36, num_prompts=8, max_tokens=128, k=3, min_mean_acceptance_length=3.65),
     # scene-llava-deep: measured 1 + 655 accepted / 233 drafts = 3.81 on 4 descriptions and a
-    # comparison of held-out layouts (the same-data EAGLE draft 4.08; ViSpec with its adaptor zeroed 3.88).
+    # comparison of held-out layouts (the same-data EAGLE draft 4.15; ViSpec with its adaptor zeroed 3.74).
     576: PairCase(576, num_prompts=5, max_tokens=192, k=5, min_mean_acceptance_length=3.75),
 }
 
 
-MIN_PLACED_RATE_576 = 0.55
-MIN_FULLY_RIGHT_RATE_576 = 0.3
+MIN_PLACED_RATE_576 = 0.7
+MIN_FULLY_RIGHT_RATE_576 = 0.5
 
 
 @dataclass
@@ -110,14 +110,12 @@ def test_vispec_demo_draft_is_lossless_and_accepted(pair):
 
 
 def test_the_adaptor_raises_acceptance(pair):
-    """On the 36-token pair. On scene-llava-deep it does not: ViSpec with its adaptor zeroed is
-    accepted a little more (3.88 against 3.81, measured with these prompts; docs/experiments.md)."""
-    if pair.case.image_tokens != 36:
-        pytest.skip("the deep pair's adaptor does not raise acceptance (measured; docs/experiments.md)")
-    assert not any(len(scenes_) == 2 for scenes_ in pair.scenes)
+    """On both pairs, with these prompts: measured 3.69 against 3.35 with the adaptor zeroed (36
+    tokens) and 3.81 against 3.74 (scene-llava-deep since its restart; before it, the zeroed adaptor
+    was accepted a little more, 3.88 against 3.81)."""
     outputs, zeroed = speculate(pair, "vispec-adaptor-zeroed")
     assert outputs == pair.baseline
-    assert speculate(pair, "vispec")[1] > zeroed
+    assert speculate(pair, "vispec")[1] > zeroed, (speculate(pair, "vispec")[1], zeroed)
 
 
 def test_the_576_target_describes_held_out_scenes(pair):
@@ -136,7 +134,7 @@ def test_the_576_target_describes_held_out_scenes(pair):
             placed += scenes.objects_named_in_place(text, scenes_[0].objects)
             fully_right += scenes.objects_described_correctly(text, scenes_[0].objects)
             total += len(scenes_[0].objects)
-    # Measured 15 of 25 placed, 9 of 25 fully right: an object whose sentence lies past the
+    # Measured 19 of 25 placed, 14 of 25 fully right: an object whose sentence lies past the
     # max_tokens cut counts as missed.
     assert total and placed / total >= MIN_PLACED_RATE_576, (placed, total)
     assert fully_right / total >= MIN_FULLY_RIGHT_RATE_576, (fully_right, total)

@@ -119,13 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
     build = sub.add_parser("build-demo", help="rebuild a demo target and its vispec and eagle drafts (the default "
-                           "576-token pair: target about 315 min, records 5 min, drafts 5 min on 2 cores; resumable: "
+                           "576-token pair: target 316 min, records and drafts 8 min on 2 cores; resumable: "
                            "run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])
     build.add_argument("--recipe", choices=["scene-llava", "scene-llava-576", "scene-llava-deep"],
                        help="a target recipe by name (overrides --image-tokens; 576 is scene-llava-deep: 16 decoder "
-                       "layers, 8,000 + 4,000 training steps and a 2,000-step restart; scene-llava-576 is the earlier 4-layer target)")
+                       "layers, 8,000 + 4,000 training steps and a 2,000-step restart; scene-llava-576 is the "
+                       "earlier 4-layer target)")
     build.add_argument("--target-minutes", type=float, default=None,
                        help="default: the recipe's (12 for 36, 65 for scene-llava-576); scene-llava-deep trains to a "
                        "step budget instead")

@@ -3,22 +3,24 @@
 The tiny targets of `vispec_vllm.factory.tiny_models` have random weights, so what they say does not
 depend on the image and a ViSpec draft has nothing to learn. This module trains a LLaVA-1.5 model
 (a 3-layer CLIP tower, a projector and a 4-layer Llama of hidden size 128; 1.84M parameters) on
-synthetic scenes for a fixed number of minutes and saves it in the llava-hf layout that vLLM
-serves (fp32). Two recipes (`RECIPES`, by image tokens per image):
-- 36: 96x96 images in 16-pixel patches, 1-4 shapes (`vispec_vllm.demo.scenes`), 12 minutes on one
-  core; its greedy descriptions of held-out scenes name every object's size, colour, shape and place;
-- 576 (LLaVA-1.5's count): 192x192 images in 8-pixel patches, 4-9 labelled shapes, long answers and
-  two-image comparisons (`vispec_vllm.demo.rich_scenes`), 65 minutes by default (the shipped one
-  had 28 on one thread, then 37 on two).
-A third recipe, by name only (`RECIPES_BY_NAME`, `--recipe scene-llava-deep`): the 576-token scenes
-with 16 decoder layers, trained to a budget of steps instead of minutes (`DEEP`, below).
+synthetic scenes for a budget of minutes or steps and saves it in the llava-hf layout that vLLM
+serves (fp32). The recipes (`RECIPES_BY_NAME`; `RECIPES` maps image tokens per image to the
+shipped two):
+- `scene-llava` (36 image tokens): 96x96 images in 16-pixel patches, 1-4 shapes
+  (`vispec_vllm.demo.scenes`), 12 minutes on one core; its greedy descriptions of held-out scenes
+  name every object's size, colour, shape and place;
+- `scene-llava-deep` (576, LLaVA-1.5's count; the default pair): 192x192 images in 8-pixel patches,
+  4-9 labelled shapes, long answers and two-image comparisons (`vispec_vllm.demo.rich_scenes`), 16
+  decoder layers, trained to a budget of steps instead of minutes (`DEEP`, below);
+- `scene-llava-576`, by name only: the same scenes with 4 decoder layers, 65 minutes (the default
+  pair before `scene-llava-deep`).
 
-    python -m vispec_vllm.demo.target OUT_DIR [--image-tokens 36|576] [--minutes M] [--threads N]
+    python -m vispec_vllm.demo.target OUT_DIR [--image-tokens 36|576 | --recipe NAME] [--minutes M] [--threads N]
 
 Training checkpoints (`OUT_DIR/train_state/state.pt`: model, probe and optimizer) are written
 every two minutes, together with a servable export of the model in OUT_DIR; running the command
-again resumes from the checkpoint until the total budget of minutes is spent (a larger budget
-extends a finished run).
+again resumes from the checkpoint until the budget is spent (a larger budget of minutes extends a
+finished run; a step budget given more steps, such as a restart, resumes it the same way).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ LLAVA15_SCALE = TargetRecipe("scene-llava-576", rich_scenes, patch_size=8, batch
 # and this one must never have seen an evaluation layout (rich_scenes holds layouts out by content).
 # 8,000 vision warm-up steps (8 images each), then 4,000 conversation steps (4 each): 254 minutes
 # over three sessions. Its held-out accuracy was low (63% of objects placed) and the loss still
-# falling, so a warm restart adds 2,000 conversation steps at a peak lr of 3e-4 (about 60 minutes).
+# falling, so a warm restart adds 2,000 conversation steps at a peak lr of 3e-4 (62 minutes; then
+# 82% placed, 64% fully right: docs/experiments.md).
 DEEP = TargetRecipe("scene-llava-deep", rich_scenes, patch_size=8, batch_size=4, vision_batch_size=8,
                     max_new_tokens=448, default_minutes=240.0, text_layers=16, steps=(8000, 4000),
                     restart=(2000, 3e-4))
@@ -451,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="which demo target: 36 (96 px, 16 px patches) or 576 (192 px, 8 px patches)")
     parser.add_argument("--recipe", choices=sorted(RECIPES_BY_NAME),
                         help="a recipe by name (overrides --image-tokens), e.g. scene-llava-deep")
-    parser.add_argument("--minutes", type=float, default=None, help="total training time (default: 12 or 65)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="total training time (default: the recipe's; a step budget ignores it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=20, help="held-out images to evaluate on (0: none)")
