@@ -2,10 +2,10 @@
 
 The tiny targets of `vispec_vllm.factory.tiny_models` have random weights, so what they say does not
 depend on the image and a ViSpec draft has nothing to learn. This module trains a LLaVA-1.5 model
-(a 3-layer CLIP tower, a projector and a 4-layer Llama of hidden size 128; 1.84M parameters) on
-synthetic scenes for a budget of minutes or steps and saves it in the llava-hf layout that vLLM
-serves (fp32). The recipes (`RECIPES_BY_NAME`; `RECIPES` maps image tokens per image to the
-shipped two):
+(a 3-layer CLIP tower, a projector and a Llama of hidden size 128 with 4 decoder layers, 1.84M
+parameters, or 16 for `scene-llava-deep`) on synthetic scenes for a budget of minutes or steps and
+saves it in the llava-hf layout that vLLM serves (fp32). The recipes (`RECIPES_BY_NAME`; `RECIPES`
+maps image tokens per image to the shipped two):
 - `scene-llava` (36 image tokens): 96x96 images in 16-pixel patches, 1-4 shapes
   (`vispec_vllm.demo.scenes`), 12 minutes on one core; its greedy descriptions of held-out scenes
   name every object's size, colour, shape and place;
@@ -93,8 +93,8 @@ class TargetRecipe:
     def learning_rate(self, step: int) -> float:
         """The lr at optimizer step `step` of a step budget: one warm-up and cosine decay over
         `steps`, then, with a restart, another over the restart's steps at its peak."""
-        first_cycle = self.total_steps if self.restart is None else sum(self.steps)
-        if step < first_cycle:
+        first_cycle = sum(self.steps)
+        if step < first_cycle or self.restart is None:
             return _learning_rate(step / first_cycle)
         restart_steps, restart_peak = self.restart
         return _learning_rate((step - first_cycle) / restart_steps, restart_peak)
