@@ -169,6 +169,7 @@ class DraftUnderTest:
         import torch
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
+        from vispec_vllm.proposer_state import CompressedImage, image_tables
         from vispec_vllm.row_plan import ImageSpan, dropped_key_blocks, key_block_index, plan_rows
 
         requests, per_request = rows.requests, rows.rows_per_request
@@ -202,9 +203,11 @@ class DraftUnderTest:
             images = [ImageSpan(rows.text_before_image, rows.image_tokens, r) for r in range(requests)]
             plan = plan_rows(images, draft.num_q, query_start, torch.full((requests,), rows.context))
             tokens, term = draft.compress_image(inputs["image_embeds"])
-            global_image_term = torch.where((plan.global_feature_source >= 0)[:, None], term, torch.zeros_like(term))
-            draft.set_planned_rows(global_image_term, plan.is_dropped, plan.compressed_index,
-                                   tokens.repeat(requests, 1))
+            global_image_terms, compressed_tokens = image_tables([CompressedImage(tokens, term)] * requests,
+                                                                 draft.num_q - 1, draft.hidden_size, term.dtype,
+                                                                 term.device)
+            draft.set_planned_rows(global_image_terms, plan.global_feature_source, compressed_tokens,
+                                   plan.compressed_index, plan.is_dropped)
 
     @property
     def ran_compiled(self) -> bool:

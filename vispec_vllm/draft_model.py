@@ -258,21 +258,22 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         self.is_compressed_row[:rows].zero_()
         self.is_dropped_row[:rows].zero_()
 
-    def set_planned_rows(self, global_image_term: torch.Tensor, is_dropped_row: torch.Tensor,
-                         compressed_index: torch.Tensor, compressed_tokens: torch.Tensor) -> None:
-        """Rows [0, n) as a row plan says (vispec_vllm/row_plan.py): row i adds global_image_term[i]
-        ([n, H]), is dropped where is_dropped_row[i], and holds compressed_tokens[compressed_index[i]]
-        where compressed_index[i] >= 0. Flags and indices may sit on the CPU."""
-        rows = global_image_term.shape[0]
-        device = self.compressed_token.device
-        self.global_image_term[:rows] = global_image_term
-        is_compressed = compressed_index >= 0
-        self.is_compressed_row[:rows] = is_compressed.to(device)
-        self.is_dropped_row[:rows] = is_dropped_row.to(device)
-        compressed_rows = is_compressed.nonzero().squeeze(1)
-        if compressed_rows.numel():
-            self.compressed_token[compressed_rows.to(device)] = compressed_tokens[
-                compressed_index[compressed_rows].to(compressed_tokens.device)]
+    def set_planned_rows(self, global_image_terms: torch.Tensor, global_term_index: torch.Tensor,
+                         compressed_tokens: torch.Tensor, compressed_index: torch.Tensor,
+                         is_dropped_row: torch.Tensor) -> None:
+        """Rows [0, n) as a row plan says (vispec_vllm/row_plan.py): row i adds
+        global_image_terms[global_term_index[i]], holds compressed_tokens[compressed_index[i]] where
+        compressed_index[i] >= 0, and is dropped where is_dropped_row[i]. Index -1 picks a table's
+        last entry, which is zero (`vispec_vllm.proposer_state.image_tables`). Indices and flags on
+        the draft's device; gathers and copies only, so no step waits on the device (index_select
+        straight into the buffers: a fraction of what advanced indexing costs on the host)."""
+        rows = global_term_index.shape[0]
+        torch.index_select(global_image_terms, 0, global_term_index.remainder(global_image_terms.shape[0]),
+                           out=self.global_image_term[:rows])
+        torch.index_select(compressed_tokens, 0, compressed_index.remainder(compressed_tokens.shape[0]),
+                           out=self.compressed_token[:rows])
+        self.is_compressed_row[:rows] = compressed_index >= 0
+        self.is_dropped_row[:rows] = is_dropped_row
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

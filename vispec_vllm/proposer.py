@@ -135,42 +135,56 @@ class ViSpecProposer(EagleProposer):
 
     def _fill_first_pass_rows(self, cad: CommonAttentionMetadata) -> None:
         """Requests whose window still touches an image from the row plan; the rest fuse their decode g."""
-        batch, requests, state, draft = self.runner.input_batch, self.runner.requests, self.state, self.draft
+        batch, state = self.runner.input_batch, self.state
         num_reqs = batch.num_reqs
-        state.sync_batch(batch.req_ids, requests)
+        state.sync_batch(batch.req_ids, self.runner.requests)
         state.log_summary_now_and_then()
-        query_start = cad.query_start_loc[: num_reqs + 1]
-        query_start_cpu = cad.query_start_loc_cpu[: num_reqs + 1]
         window_start = batch.num_computed_tokens_cpu[:num_reqs]
         planned = np.flatnonzero(window_start < state.settled_from[:num_reqs])
         if planned.size:
-            # A planned request's decode g is rewritten below, from the plan; zeroed first, its rows
-            # take their g from the plan alone (the plan gives them zero where they fuse none).
-            planned_rows = torch.from_numpy(planned).to(self.device)
-            state.decode_global_image_term[planned_rows] = 0
-        num_rows = int(query_start_cpu[num_reqs])
+            self._fill_planned_rows(cad, planned)
+            return
+        # Every request settled (always so on a decode step): row r fuses its request's decode g,
+        # gathered on the device from the query layout already there.
+        query_start = cad.query_start_loc[: num_reqs + 1]
+        num_rows = int(cad.query_start_loc_cpu[num_reqs])
         rows_per_request = (query_start[1:] - query_start[:-1]).long()
         row_request = torch.repeat_interleave(self.arange[:num_reqs].long(), rows_per_request, output_size=num_rows)
-        decode_g = state.decode_global_image_term[row_request]
-        if planned.size == 0:  # every request settled (always so on a decode step)
-            draft.set_text_rows(decode_g)
-            return
+        self.draft.set_text_rows(torch.index_select(state.decode_global_image_term, 0, row_request))
+
+    def _fill_planned_rows(self, cad: CommonAttentionMetadata, planned: np.ndarray) -> None:
+        """A step with requests whose window touches an image (`planned`, input-batch rows): their
+        rows as the row plan says, every other request's rows fusing its decode g. Settles the
+        planned requests whose window reaches past their last image."""
+        batch, requests, state, draft = self.runner.input_batch, self.runner.requests, self.state, self.draft
+        num_reqs = batch.num_reqs
+        query_start = cad.query_start_loc_cpu[: num_reqs + 1].numpy()
+        window_start = batch.num_computed_tokens_cpu[:num_reqs]
         spans = {i: request_image_spans(requests[batch.req_ids[i]].mm_features, i) for i in planned.tolist()}
         images = [span for request_spans in spans.values() for span in request_spans]
-        # Requests that are not planned bring no image, so their rows fuse index -1 (zero) in the
-        # plan, and their decode g alone.
-        plan = plan_rows(images, draft.num_q, query_start_cpu, window_start, keep_image_rows=draft.keep_image_rows)
+        # Requests that are not planned bring no image, so the plan gives their rows no image (-1).
+        plan = plan_rows(images, draft.num_q, query_start, window_start, keep_image_rows=draft.keep_image_rows)
         g_table, token_table = self._image_tables(images, plan.referenced_images)
-        g = decode_g + g_table[plan.global_feature_source.to(self.device)]
-        draft.set_planned_rows(g, plan.is_dropped, plan.compressed_index, token_table)
+        # One table of every g a row may fuse: the requests' decode g, then the images' g and the
+        # zero that index -1 picks. A planned request's row fuses what the plan says (an image's g,
+        # or zero); any other row its request's decode g.
+        terms = torch.cat((state.decode_global_image_term[:num_reqs], g_table))
+        row_request = np.repeat(np.arange(num_reqs), np.diff(query_start))
+        is_planned = np.zeros(num_reqs, dtype=bool)
+        is_planned[planned] = True
+        image_source = plan.global_feature_source.numpy()
+        term_index = np.where(is_planned[row_request], np.where(image_source >= 0, num_reqs + image_source, -1),
+                              row_request)
+        # The three per-row arrays reach the device in one copy.
+        per_row = torch.from_numpy(np.stack((term_index, plan.compressed_index.numpy(), plan.is_dropped.numpy())))
+        term_index, compressed_index, is_dropped = per_row.to(self.device).unbind()
+        draft.set_planned_rows(terms, term_index, token_table, compressed_index, is_dropped)
 
         # The chain rows of this step fuse the row after each window; past the last image that is
         # the request's decode g for good.
-        following = plan.following_global_feature_source[torch.from_numpy(planned)]
-        following_g = g_table[following.to(self.device)]
-        state.decode_global_image_term[planned_rows] = following_g
-        query_start_np = query_start_cpu.numpy()
-        window_end = window_start[planned] + query_start_np[planned + 1] - query_start_np[planned]
+        following_g = g_table[plan.following_global_feature_source[torch.from_numpy(planned)].to(self.device)]
+        state.decode_global_image_term[torch.from_numpy(planned).to(self.device)] = following_g
+        window_end = window_start[planned] + query_start[planned + 1] - query_start[planned]
         for j, i in enumerate(planned.tolist()):
             last_end_row = spans[i][-1].end_row if spans[i] else 0
             if window_end[j] >= last_end_row:

@@ -160,10 +160,12 @@ def dropped_key_blocks(images: Sequence[ImageSpan], num_q: int, block_size: int,
     weight (the key-mask channel), so the draft's attention may skip the whole block: the same
     output, fewer keys read.
     """
-    blocks = []
-    if not keep_image_rows:
-        for image in images:
-            blocks.append(np.arange(-(-image.first_row // block_size), image.first_compressed_row(num_q) // block_size))
+    if keep_image_rows:
+        return np.zeros(0, dtype=np.int64)
+    blocks = [np.arange(-(-image.first_row // block_size), image.first_compressed_row(num_q) // block_size)
+              for image in images]
+    if len(blocks) == 1:  # one image: its blocks are already ascending and distinct
+        return blocks[0]
     return np.unique(np.concatenate(blocks)) if blocks else np.zeros(0, dtype=np.int64)
 
 
@@ -172,13 +174,19 @@ def key_block_index(dropped_blocks: Sequence[np.ndarray], width: int) -> tuple[n
     attention reads, its dropped blocks left out and the rest in order (the tail repeats the last
     block; no query reads past its shortened length), and the number of blocks left out.
     `table.gather(1, index)` is the table of the blocks read; each sequence is that many blocks
-    times the block size shorter."""
-    index = np.broadcast_to(np.arange(width, dtype=np.int64), (len(dropped_blocks), width)).copy()
-    skipped = np.zeros(len(dropped_blocks), dtype=np.int64)
-    for row, blocks in enumerate(dropped_blocks):
-        blocks = blocks[blocks < width]
-        if 0 < blocks.size < width:
-            kept = np.delete(index[row], blocks)
-            index[row, : kept.size], index[row, kept.size:] = kept, kept[-1]
-            skipped[row] = blocks.size
-    return index, skipped
+    times the block size shorter. A request all of whose blocks are dropped reads them all."""
+    num_requests = len(dropped_blocks)
+    is_dropped = np.zeros((num_requests, width), dtype=bool)
+    counts = np.fromiter((blocks.size for blocks in dropped_blocks), dtype=np.int64, count=num_requests)
+    if counts.any():
+        blocks = np.concatenate(dropped_blocks)
+        request = np.repeat(np.arange(num_requests), counts)
+        inside = blocks < width
+        is_dropped[request[inside], blocks[inside]] = True
+    is_dropped[is_dropped.all(axis=1)] = False
+    skipped = is_dropped.sum(axis=1)
+    # A stable sort by the dropped flag puts each row's kept blocks first, in order.
+    index = np.argsort(is_dropped, axis=1, kind="stable")
+    last_kept = np.take_along_axis(index, np.maximum(width - skipped - 1, 0)[:, None], axis=1)
+    tail = np.arange(width) >= (width - skipped)[:, None]
+    return np.where(tail, last_kept, index), skipped

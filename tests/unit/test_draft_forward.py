@@ -143,13 +143,17 @@ def test_cleared_buffers_mean_no_image():
 @torch.no_grad()
 def test_row_setters_fill_the_buffers_the_forward_reads():
     draft, _ = stand_in_draft()
-    g, tokens = torch.randn(5, HIDDEN), torch.randn(4, HIDDEN)  # compressed-token table, as a row plan indexes it
-    draft.set_planned_rows(g, torch.tensor([True, True, False, False, False]), torch.tensor([-1, -1, 3, 0, -1]),
-                           tokens)
+    # Tables as the proposer builds them: a zero last entry, which index -1 picks.
+    terms = torch.cat((torch.randn(3, HIDDEN), torch.zeros(1, HIDDEN)))
+    tokens = torch.cat((torch.randn(4, HIDDEN), torch.zeros(1, HIDDEN)))
+    draft.set_planned_rows(terms, torch.tensor([-1, 0, 2, 1, 0]), tokens, torch.tensor([-1, -1, 3, 0, -1]),
+                           torch.tensor([True, True, False, False, False]))
+    g = terms[[3, 0, 2, 1, 0]]
     assert torch.equal(draft.global_image_term[:5], g)
     assert draft.is_dropped_row.tolist()[:5] == [True, True, False, False, False]
     assert draft.is_compressed_row.tolist()[:5] == [False, False, True, True, False]
     assert torch.equal(draft.compressed_token[2], tokens[3]) and torch.equal(draft.compressed_token[3], tokens[0])
+    assert not draft.compressed_token[[0, 1, 4]].any()  # rows that hold no compressed token read zero
     # The chain's rows: text rows adding the given terms; the rows past them are padding, cleared apart.
     draft.set_text_rows(g[3:5])
     draft.clear_row_inputs(2, MAX_ROWS)

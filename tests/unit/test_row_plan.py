@@ -250,3 +250,18 @@ def test_the_key_block_index_leaves_out_each_rows_dropped_blocks():
     assert read[0, :4].tolist() == [100, 103, 104, 105] and read[1].tolist() == table[1].tolist()
     assert read[2, :4].tolist() == [113, 114, 115, 117]  # block 9 lies past the table: not counted
     assert skipped.tolist() == [2, 0, 2]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_key_block_index_reads_each_rows_kept_blocks_in_order(seed):
+    rng = np.random.default_rng(seed)
+    width = int(rng.integers(1, 12))
+    dropped = [np.unique(rng.integers(0, width + 3, int(rng.integers(0, width + 2)))) for _ in range(6)]
+    dropped.append(np.arange(width))  # every block dropped: the row reads them all
+    index, skipped = key_block_index(dropped, width)
+    for row, blocks in enumerate(dropped):
+        inside = blocks[blocks < width]
+        kept = [b for b in range(width) if b not in inside] if inside.size < width else list(range(width))
+        assert skipped[row] == width - len(kept)
+        assert index[row, : len(kept)].tolist() == kept
+        assert (index[row, len(kept):] == kept[-1]).all()

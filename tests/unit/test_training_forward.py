@@ -223,8 +223,8 @@ def served_first_pass(draft_dir: Path, record: dict[str, torch.Tensor]) -> tuple
     global_image_terms, compressed_tokens = image_tables(
         [CompressedImage(tokens, term) for tokens, term in compressed], vispec.num_q - 1, HIDDEN, torch.float32,
         torch.device("cpu"))
-    draft.set_planned_rows(global_image_terms[plan.global_feature_source], plan.is_dropped, plan.compressed_index,
-                           compressed_tokens)
+    draft.set_planned_rows(global_image_terms, plan.global_feature_source, compressed_tokens, plan.compressed_index,
+                           plan.is_dropped)
     (layer_input, dropped), _ = ViSpecDraftModel.forward(draft, record["input_ids"][1:], torch.arange(rows),
                                                          record["hidden_states"][:rows])
     return layer_input, dropped
