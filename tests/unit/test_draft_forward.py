@@ -174,10 +174,10 @@ def stand_in_attention(num_heads: int, head_dim: int, padded_head_dim: int) -> S
         return out.transpose(0, 1).reshape(rows, -1)
 
     attention = SimpleNamespace(
-        qkv_proj=lambda x: (qkv(x), None), o_proj=lambda x: (o_proj(x), None), q_size=size,
+        qkv_proj=lambda x: (qkv(x), None), o_proj=lambda x: (o_proj(x), None),
         rotary_emb=lambda positions, q, k: (q, k), attn=causal_attention, num_local_heads=num_heads,
         head_dim=head_dim, padded_head_dim=padded_head_dim, weights=(qkv, o_proj))
-    attention._pad = MethodType(ViSpecAttention._pad, attention)
+    attention.padded_heads = MethodType(ViSpecAttention.padded_heads, attention)
     return attention
 
 
@@ -215,8 +215,8 @@ def test_dropped_rows_get_zero_attention_weight():
     dropped = torch.zeros(rows, dtype=torch.bool)
     dropped[[1, 2, 3, 6]] = True
     q, k = torch.randn(rows, num_heads * head_dim), torch.randn(rows, num_heads * head_dim)
-    padded_q = attention._pad(q, q.new_ones(rows)).view(rows, num_heads, padded).transpose(0, 1)
-    padded_k = attention._pad(k, dropped.float() * -1.0e4).view(rows, num_heads, padded).transpose(0, 1)
+    padded_q, padded_k, _ = (t.view(rows, num_heads, padded).transpose(0, 1)
+                             for t in attention.padded_heads(torch.cat((q, k, torch.zeros_like(q)), 1), dropped))
     causal = torch.ones(rows, rows, dtype=torch.bool).tril()
     weights = ((padded_q @ padded_k.transpose(-1, -2)) * head_dim**-0.5).masked_fill(~causal, float("-inf")).softmax(-1)
 
@@ -225,3 +225,33 @@ def test_dropped_rows_get_zero_attention_weight():
     kept_scores = ((plain_q @ plain_k.transpose(-1, -2)) * head_dim**-0.5).masked_fill(~causal | dropped[None, :],
                                                                                       float("-inf"))
     torch.testing.assert_close(weights[..., ~dropped], kept_scores.softmax(-1)[..., ~dropped], rtol=1e-6, atol=1e-7)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+], ids=["default", "llama3"])
+@pytest.mark.parametrize("implementation", ["forward_native", "forward_cpu"])
+def test_rope_on_padded_heads_turns_what_it_turns_unpadded(rope_parameters, implementation):
+    """The draft runs RoPE on its padded heads as a partial rotary of head_dim channels: the first
+    head_dim channels come out as unpadded RoPE gives them, the mask channel and padding unchanged."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    num_heads, head_dim, padded, rows = 2, 32, 64, 7
+    with set_current_vllm_config(VllmConfig()):
+        plain = get_rope(head_dim, max_position=4096, rope_parameters=dict(rope_parameters), is_neox_style=True)
+        partial = get_rope(padded, max_position=4096, rope_parameters={**rope_parameters, "rope_dim": head_dim},
+                           is_neox_style=True)
+    positions = torch.tensor([0, 1, 5, 17, 300, 1000, 4000])
+    q, k = torch.randn(rows, num_heads, padded), torch.randn(rows, num_heads, padded)
+    plain_q, plain_k = getattr(plain, implementation)(positions, q[..., :head_dim].reshape(rows, -1).clone(),
+                                                      k[..., :head_dim].reshape(rows, -1).clone())
+    turned_q, turned_k = getattr(partial, implementation)(positions, q.reshape(rows, -1).clone(),
+                                                          k.reshape(rows, -1).clone())
+    for turned, expected, original in ((turned_q, plain_q, q), (turned_k, plain_k, k)):
+        turned = turned.view(rows, num_heads, padded)
+        torch.testing.assert_close(turned[..., :head_dim], expected.view(rows, num_heads, head_dim), rtol=0, atol=0)
+        assert torch.equal(turned[..., head_dim:], original[..., head_dim:])
