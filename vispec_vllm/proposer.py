@@ -119,11 +119,11 @@ class ViSpecProposer(EagleProposer):
         read = self.state.key_blocks_read(self.runner.input_batch.num_computed_tokens_cpu, table.shape[0],
                                           table.shape[1], self.block_size)
         if read is not None:  # built for exactly table.shape[0] rows, on the proposer's device
-            skipped = read.skipped_rows.to(cad.seq_lens.dtype)
             upper_bound = cad.seq_lens_cpu_upper_bound
-            cad = cad.replace(block_table_tensor=table.gather(1, read.index).to(table.dtype),
-                              seq_lens=cad.seq_lens - skipped,
-                              seq_lens_cpu_upper_bound=None if upper_bound is None else upper_bound - skipped.cpu(),
+            cad = cad.replace(block_table_tensor=table.gather(1, read.index),
+                              seq_lens=cad.seq_lens - read.skipped_rows,
+                              seq_lens_cpu_upper_bound=None if upper_bound is None
+                              else upper_bound - read.skipped_rows_cpu,
                               _num_computed_tokens_cache=None)
         return super().build_per_group_and_layer_attn_metadata(cad, draft_index)
 

@@ -125,7 +125,8 @@ class KeyBlocksRead:
     active_rows: bytes  # the rows it applies to, as a bool mask's bytes (the cache key)
     width: int
     index: torch.Tensor  # [rows, width] block index into each row of the block table
-    skipped_rows: torch.Tensor  # [rows] keys left out per row (blocks x block size)
+    skipped_rows: torch.Tensor  # [rows] keys left out per row (blocks x block size), int32 as seq_lens
+    skipped_rows_cpu: torch.Tensor  # the same on the CPU
 
 
 class ViSpecProposerState:
@@ -266,8 +267,9 @@ class ViSpecProposerState:
         if self.key_blocks is None or self.key_blocks.active_rows != key or self.key_blocks.width != width:
             index, skipped = key_block_index([self.dropped_key_blocks[row] if active[row] else NO_BLOCKS
                                               for row in range(num_rows)], width)
+            skipped_rows = torch.from_numpy((skipped * block_size).astype(np.int32))
             self.key_blocks = KeyBlocksRead(key, width, torch.from_numpy(index).to(self.device),
-                                            torch.from_numpy(skipped * block_size).to(self.device))
+                                            skipped_rows.to(self.device), skipped_rows)
         return self.key_blocks
 
     def take_new_image_state_misses(self) -> int:
