@@ -80,8 +80,12 @@ def setup_name(row: dict) -> str:
     return row["mode"]
 
 
-def num_prompts(prompts_per_concurrency: int, concurrency: int) -> int:
-    return prompts_per_concurrency * max(4, concurrency)
+def num_prompts(prompts_per_concurrency: int, concurrency: int, min_prompts: int | None = None) -> int:
+    """Requests of one run: this many per concurrency, and at least `min_prompts` (default: four
+    times the requests per concurrency). Runs at low concurrency are short; more requests there
+    narrow their spread from repeat to repeat."""
+    return max(4 * prompts_per_concurrency if min_prompts is None else min_prompts,
+               prompts_per_concurrency * concurrency)
 
 
 def write_dataset(path: Path, image_dir: Path, scene_seeds: list[int], image_tokens: int) -> Path:
@@ -218,7 +222,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
     `args.concurrency`, in an order rotated from repeat to repeat, on held-out scenes new to every
     repeat and the same for every server within it. Returns (name, concurrency) -> `bench` results,
     one per repeat. Reads args.target, image_tokens, seed, warmup_prompts, concurrency,
-    prompts_per_concurrency, output_len and repeats."""
+    prompts_per_concurrency, output_len and repeats, and min_prompts where it has one."""
     runs = list(servers_to_start)
     client = bench_client()
     scene_index = 0
@@ -241,7 +245,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
         for repeat in range(args.repeats):
             order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]
             for concurrency in args.concurrency:
-                prompts = num_prompts(args.prompts_per_concurrency, concurrency)
+                prompts = num_prompts(args.prompts_per_concurrency, concurrency, getattr(args, "min_prompts", None))
                 dataset = write_dataset(tmp / f"c{concurrency}-r{repeat}.jsonl", tmp / "images", next_scenes(prompts),
                                         args.image_tokens)
                 for name in order:
@@ -292,7 +296,9 @@ def summary_row(mode: str, adaptive: bool, k: int | None, concurrency: int, prom
 def schedule_against_fixed(runs: list[dict]) -> list[dict]:
     """At each concurrency: the load-adaptive ViSpec set-up against the best fixed-K ViSpec set-up
     (highest median output tokens/s), as the ratio of medians, and its worst repeat against no
-    speculation; empty without an adaptive row and a fixed one."""
+    speculation; also, against each fixed K, the median (min, max) of the per-repeat ratios (the
+    set-ups take turns within a repeat, so these pair runs made under the same machine load).
+    Empty without an adaptive row and a fixed one."""
     checks = []
     for concurrency in sorted({r["concurrency"] for r in runs}):
         rows = [r for r in runs if r["concurrency"] == concurrency]
@@ -304,7 +310,11 @@ def schedule_against_fixed(runs: list[dict]) -> list[dict]:
         checks.append({"concurrency": concurrency, "best_fixed": setup_name(best),
                        "best_fixed_tok_s": best["output_tok_s"], "adaptive_tok_s": adaptive[0]["output_tok_s"],
                        "adaptive_to_best_fixed": adaptive[0]["output_tok_s"] / best["output_tok_s"],
-                       "adaptive_to_none_min": adaptive[0]["ratio_to_none_min"]})
+                       "adaptive_to_none_min": adaptive[0]["ratio_to_none_min"],
+                       "adaptive_to_fixed_paired": {
+                           setup_name(row): spread_fields("ratio", [a / f for a, f in zip(
+                               adaptive[0]["output_tok_s_repeats"], row["output_tok_s_repeats"], strict=True)])
+                           for row in fixed if row.get("output_tok_s_repeats")}})
     return checks
 
 
@@ -366,7 +376,7 @@ def estimate_duration_s(args: argparse.Namespace, runs: list[str], previous: Pat
             earlier[(setup_name(row), row["concurrency"])] = row
     seconds = STARTUP_S + len(runs) * (CALL_OVERHEAD_S + args.warmup_prompts * args.output_len / FALLBACK_TOK_S)
     for concurrency in args.concurrency:
-        prompts = num_prompts(args.prompts_per_concurrency, concurrency)
+        prompts = num_prompts(args.prompts_per_concurrency, concurrency, args.min_prompts)
         for name in runs:
             row = earlier.get((name, concurrency))
             if row is not None and row.get("num_prompts"):
@@ -400,6 +410,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4,
                         help="requests per run = this x concurrency (at least 4 x this)")
+    parser.add_argument("--min-prompts", type=int, help="requests per run at least (default: 4 x "
+                        "--prompts-per-concurrency)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per set-up and concurrency")
     parser.add_argument("--warmup-prompts", type=int, default=8, help="requests of each server's warm-up run")
@@ -451,7 +463,7 @@ def main() -> None:
         for concurrency in args.concurrency:
             baseline = results.get(("none", concurrency))
             report["runs"].append(summary_row(setup.mode, setup.adaptive, setup.k, concurrency,
-                                              num_prompts(args.prompts_per_concurrency, concurrency),
+                                              num_prompts(args.prompts_per_concurrency, concurrency, args.min_prompts),
                                               results[(name, concurrency)], baseline))
     # The schedule's goal: at least 0.95x the best fixed K (medians), and never below no speculation.
     report["schedule_against_fixed"] = schedule_against_fixed(report["runs"])

@@ -62,3 +62,20 @@ def test_the_warm_up_uses_other_held_out_scenes_than_the_timed_prompts():
     assert [len(scenes) for scenes, _ in warmup] == [1] * 6
     assert not set(timed_seeds) & set(warmup_seeds)
     assert set(warmup_seeds) <= set(recipe.scenes.held_out_seeds(200))
+
+
+def test_the_demo_counts_how_right_its_descriptions_are():
+    from vispec_vllm.demo import rich_scenes, scenes
+    from vispec_vllm.demo.run import description_accuracy
+    from vispec_vllm.demo.target import RECIPES
+
+    examples = held_out_prompts(RECIPES[576], 6)
+    described = [scenes_[0] for scenes_, _ in examples if len(scenes_) == 1]
+    answers = [scenes_[0].description if len(scenes_) == 1 else "a comparison" for scenes_, _ in examples]
+    answers[0] = "There is nothing here."
+    accuracy = description_accuracy(rich_scenes, examples, answers)
+    objects = sum(len(scene.objects) for scene in described)
+    assert accuracy == {"descriptions": len(described), "objects": objects,
+                        "objects_named_in_place": objects - len(described[0].objects),
+                        "objects_fully_right": objects - len(described[0].objects)}
+    assert description_accuracy(scenes, examples, answers) is None  # the 36-token scenes: no per-object checks

@@ -53,3 +53,20 @@ def test_schedule_against_the_best_fixed_k():
     assert (last["best_fixed"], last["adaptive_to_none_min"]) == ("vispec-fixed-k1", 0.9)
     assert last["adaptive_to_best_fixed"] == pytest.approx(380 / 420)
     assert schedule_against_fixed([r for r in runs if not r["adaptive"]]) == []
+
+
+def test_schedule_against_each_fixed_k_repeat_by_repeat():
+    adaptive = row("vispec", True, 5, 2, 200.0, 1.2) | {"output_tok_s_repeats": [190.0, 260.0, 200.0]}
+    fixed = row("vispec", False, 5, 2, 220.0) | {"output_tok_s_repeats": [200.0, 220.0, 250.0]}
+    (check,) = schedule_against_fixed([adaptive, fixed])
+    assert check["adaptive_to_best_fixed"] == pytest.approx(200 / 220)  # the ratio of medians
+    paired = check["adaptive_to_fixed_paired"]["vispec-fixed-k5"]
+    assert paired["ratio"] == pytest.approx(0.95)  # median of 0.95, 260/220 and 0.8
+    assert (paired["ratio_min"], paired["ratio_max"]) == (pytest.approx(0.8), pytest.approx(260 / 220))
+
+
+def test_low_concurrency_runs_get_at_least_the_minimum_requests():
+    from serve_concurrency import num_prompts
+
+    assert [num_prompts(2, c) for c in (1, 4, 8, 64)] == [8, 8, 16, 128]  # 2 x max(4, c), as before
+    assert [num_prompts(2, c, min_prompts=24) for c in (1, 8, 16, 64)] == [24, 24, 32, 128]
