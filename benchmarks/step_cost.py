@@ -257,10 +257,15 @@ def measure_forward(widths: DraftDims, sets: list[RowSet], modes: list[str], dty
                     warmup: int = 3) -> list[dict]:
     import torch
     from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers import rotary_embedding
 
     max_blocks = max(r.requests * -(-(r.context + r.rows_per_request) // BLOCK_SIZE) for r in sets)
     rows_out = []
     for mode in modes:
+        # vLLM keeps one rotary module per shape for the whole process (`get_rope`'s cache), and a
+        # module picks its kernel (the CPU custom op or native torch) under the config it was built
+        # in: a compiled draft must not reuse one built for an eager draft before it.
+        rotary_embedding._ROPE_DICT.clear()
         for dtype in dtypes:
             with tempfile.TemporaryDirectory() as tmp:
                 drafts = {}

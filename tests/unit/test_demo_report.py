@@ -37,7 +37,7 @@ def test_demo_json_has_the_fields_users_and_the_readme_read(name):
     for field in ("machine", "target", "draft", "image_tokens", "max_tokens", "k", "adaptive", "num_requests",
                   "warmup_requests", "outputs_identical", "mean_acceptance_length", "tok_s_none", "tok_s_vispec",
                   "speedup", "speedup_min", "speedup_max", "repeats", "target_step_ms", "draft_forward_ms",
-                  "target_step_measured_by", "draft_forward_measured_by", "cost_ratio"):
+                  "target_step_measured_by", "draft_forward_measured_by", "cost_ratio", "answer_accuracy"):
         assert field in report, field
     speedups = [repeat["speedup"] for repeat in report["repeats"]]
     assert len(speedups) >= 3
@@ -48,6 +48,8 @@ def test_demo_json_has_the_fields_users_and_the_readme_read(name):
     assert report["cost_ratio"] == pytest.approx(report["draft_forward_ms"] / report["target_step_ms"])
     assert report["outputs_identical"] is True
     assert report["mode"] == ("compiled" if name == "demo_compiled.json" else "eager")
+    accuracy = report["answer_accuracy"]
+    assert 0 <= accuracy["objects_fully_right"] <= accuracy["objects_named_in_place"] <= accuracy["objects"]
 
 
 def test_the_warm_up_uses_other_held_out_scenes_than_the_timed_prompts():
