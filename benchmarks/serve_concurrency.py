@@ -222,7 +222,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
     `args.concurrency`, in an order rotated from repeat to repeat, on held-out scenes new to every
     repeat and the same for every server within it. Returns (name, concurrency) -> `bench` results,
     one per repeat. Reads args.target, image_tokens, seed, warmup_prompts, concurrency,
-    prompts_per_concurrency, output_len and repeats, and min_prompts where it has one."""
+    prompts_per_concurrency, min_prompts, output_len and repeats."""
     runs = list(servers_to_start)
     client = bench_client()
     scene_index = 0
@@ -245,7 +245,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
         for repeat in range(args.repeats):
             order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]
             for concurrency in args.concurrency:
-                prompts = num_prompts(args.prompts_per_concurrency, concurrency, getattr(args, "min_prompts", None))
+                prompts = num_prompts(args.prompts_per_concurrency, concurrency, args.min_prompts)
                 dataset = write_dataset(tmp / f"c{concurrency}-r{repeat}.jsonl", tmp / "images", next_scenes(prompts),
                                         args.image_tokens)
                 for name in order:

@@ -359,6 +359,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4,
                         help="itl: requests per run = this x concurrency (at least 4 x this)")
+    parser.add_argument("--min-prompts", type=int, help="itl: requests per run at least (default: 4 x "
+                        "--prompts-per-concurrency)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--warmup-prompts", type=int, default=8, help="itl: requests of each server's warm-up run")
     parser.add_argument("--seed", type=int, default=0, help="itl: picks the held-out scenes")

@@ -182,8 +182,9 @@ class ViSpecProposer(EagleProposer):
 
         # The chain rows of this step fuse the row after each window; past the last image that is
         # the request's decode g for good.
-        following_g = g_table[plan.following_global_feature_source[torch.from_numpy(planned)].to(self.device)]
-        state.decode_global_image_term[torch.from_numpy(planned).to(self.device)] = following_g
+        planned_rows = torch.from_numpy(planned)
+        following_g = g_table[plan.following_global_feature_source[planned_rows].to(self.device)]
+        state.decode_global_image_term[planned_rows.to(self.device)] = following_g
         window_end = window_start[planned] + query_start[planned + 1] - query_start[planned]
         for j, i in enumerate(planned.tolist()):
             last_end_row = spans[i][-1].end_row if spans[i] else 0
