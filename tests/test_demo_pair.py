@@ -1,7 +1,7 @@
 """The shipped demo pairs (vispec_vllm/demo/models), at 36 and at 576 image tokens per image:
 speculation is lossless on held-out prompts (one image, and on the 576 pair two images), the
-trained ViSpec draft is accepted at the rate measured for it, and above the same
-draft with its vision adaptor's output held at zero (same weights otherwise: what the adaptor
+trained ViSpec draft is accepted at the rate measured for it, and, on the 36-token pair, above the
+same draft with its vision adaptor's output held at zero (same weights otherwise: what the adaptor
 contributes), on the same prompts; the 576 target (scene-llava-deep) describes held-out scenes as
 well as measured."""
 
@@ -37,10 +37,15 @@ CASES = {
     # Measured 1 + 366 accepted / 136 drafts = 3.69 (positions 1..3: 133, 122, 111 accepted); with the
     # adaptor zeroed 3.35.
     36: PairCase(36, num_prompts=8, max_tokens=128, k=3, min_mean_acceptance_length=3.65),
-    # scene-llava-deep: measured 1 + 655 accepted / 233 drafts = 3.81 on 4 descriptions and a
-    # comparison of held-out layouts (the same-data EAGLE draft 4.15; ViSpec with its adaptor zeroed 3.74).
-    576: PairCase(576, num_prompts=5, max_tokens=192, k=5, min_mean_acceptance_length=3.75),
+    # scene-llava-deep: measured 4.75 on 4 descriptions and a comparison of held-out layouts (ViSpec
+    # with its adaptor zeroed 4.78; the draft before the shipped budget grew, 3.81).
+    576: PairCase(576, num_prompts=5, max_tokens=192, k=5, min_mean_acceptance_length=4.70),
 }
+# Where the adaptor is measured to raise acceptance on these prompts. On scene-llava-deep it does not
+# (4.75 against 4.78 zeroed): the image reaches its draft through the target's hidden states at the
+# text rows (docs/experiments.md, the regime experiment); there only the zeroed draft's losslessness
+# is checked.
+ADAPTOR_RAISES_ACCEPTANCE = {36: True, 576: False}
 
 
 MIN_PLACED_RATE_576 = 0.7
@@ -110,11 +115,12 @@ def test_vispec_demo_draft_is_lossless_and_accepted(pair):
 
 
 def test_the_adaptor_raises_acceptance(pair):
-    """On both pairs, with these prompts: measured 3.69 against 3.35 with the adaptor zeroed (36
-    tokens) and 3.81 against 3.74 (scene-llava-deep since its restart; before it, the zeroed adaptor
-    was accepted a little more, 3.88 against 3.81)."""
+    """With these prompts: measured 3.69 against 3.35 with the adaptor zeroed (36 tokens). The zeroed
+    draft stays lossless on both pairs."""
     outputs, zeroed = speculate(pair, "vispec-adaptor-zeroed")
     assert outputs == pair.baseline
+    if not ADAPTOR_RAISES_ACCEPTANCE[pair.case.image_tokens]:
+        pytest.skip("on scene-llava-deep the adaptor is not measured to raise acceptance (4.75 against 4.78)")
     _, with_adaptor = speculate(pair, "vispec")
     assert with_adaptor > zeroed, (with_adaptor, zeroed)
 

@@ -14,7 +14,19 @@ from dataclasses import asdict
 import pytest
 
 from vispec_vllm.checkpoint_format import KEEP_IMAGE_ROWS_KEY
-from vispec_vllm.demo.build import DONE_MARKER, DRAFT_KINDS, VARIANTS, DraftBudget, draft_plan, train_once
+from vispec_vllm.demo.build import (
+    DONE_MARKER,
+    DRAFT_KINDS,
+    SHIPPED_DRAFTS,
+    VARIANTS,
+    DraftBudget,
+    budget_for,
+    draft_plan,
+    records_needed,
+    shipped_budget,
+    train_once,
+)
+from vispec_vllm.demo.target import RECIPES
 
 BUDGET = DraftBudget(num_samples=24, epochs=5)
 
@@ -67,6 +79,26 @@ def test_ablations_differ_from_their_draft_in_their_flag_only():
     assert plan["vispec-drop"].start == plan["vispec-drop-reg"].start == plan["eagle-drop"].start
     assert config_changes(plan["vispec-drop"].config, plan["vispec-drop-reg"].config) == {
         "hidden_regression": (False, True)}
+
+
+def test_records_needed_follow_each_draft_back_to_its_first_half():
+    assert records_needed(BUDGET, ("vispec-drop-reg", "eagle")) == ("generated",)
+    assert records_needed(BUDGET, ("eagle-captions",)) == ("captions", "text")
+    assert records_needed(BUDGET, ("eagle-text-drop", "vispec")) == ("generated", "text")
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES.values()), ids=lambda recipe: recipe.name)
+def test_the_shipped_drafts_share_one_budget(recipe):
+    """The shipped ViSpec and EAGLE-style drafts: the same records and steps, at the regime
+    experiment's lr and answer length; the ViSpec one trains as ViSpec (stage 2), the other as EAGLE."""
+    budget = shipped_budget(recipe)
+    assert (budget.lr, budget.max_tokens) == (budget_for(recipe).lr, budget_for(recipe).max_tokens)
+    plan = draft_plan(budget, seed=0)
+    runs = {name: chain(plan, kind) for name, kind in SHIPPED_DRAFTS.items()}
+    for name, draft_runs in runs.items():
+        assert [run.config.steps for run in draft_runs] == [budget.half_steps] * 2, name
+        assert {run.records for run in draft_runs} == {"generated"}, name
+    assert runs["vispec"][-1].config.stage == 2 and runs["eagle"][-1].config.stage == 1
 
 
 def test_a_run_finished_under_another_config_is_refused(tmp_path):

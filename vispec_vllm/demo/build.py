@@ -48,8 +48,11 @@ if TYPE_CHECKING:
 
 DRAFT_KINDS = ("vispec", "eagle", "eagle-text", "eagle-captions", "eagle-drop", "vispec-keep", "vispec-no-adaptor",
                "eagle-text-drop")
-# What `build_demo` ships beside each target (vispec_vllm/demo/models).
-SHIPPED_KINDS = ("vispec", "eagle")
+# What `build_demo` ships beside each target (vispec_vllm/demo/models), by shipped name: the run of
+# the draft plan it is. The ViSpec draft is the regime experiment's best vision-aware variant
+# (docs/experiments.md): stage 2 keeping stage 1's hidden-state regression, after a first half that
+# never saw an image row. The EAGLE-style draft beside it has the same data and budget.
+SHIPPED_DRAFTS = {"vispec": "vispec-drop-reg", "eagle": "eagle"}
 # ViSpec training variants: TrainConfig changes to `vispec` (same data, budget, schedule); a change
 # that shapes the stage-1 checkpoint too (STAGE1_OPTIONS) applies to both halves.
 VARIANTS = {
@@ -92,8 +95,15 @@ class DraftBudget:
 
 
 def budget_for(recipe: TargetRecipe) -> DraftBudget:
-    """The draft budget for a target: answers up to the recipe's longest reference answer."""
+    """The regime experiment's draft budget for a target: answers up to the recipe's longest
+    reference answer."""
     return DraftBudget(max_tokens=recipe.max_new_tokens)
+
+
+def shipped_budget(recipe: TargetRecipe) -> DraftBudget:
+    """The budget of the drafts that ship: the recipe's record count, fewer passes over more records
+    (the regime experiment's 240 records are a few minutes of generation; its drafts overfit them)."""
+    return replace(budget_for(recipe), num_samples=recipe.shipped_draft_records, epochs=recipe.shipped_draft_epochs)
 
 
 @dataclass(frozen=True)
@@ -140,31 +150,50 @@ def draft_plan(budget: DraftBudget, seed: int) -> dict[str, TrainingStage]:
     return plan
 
 
-def build_records(target: Path, recipe: TargetRecipe, work: Path, budget: DraftBudget) -> dict[str, Path]:
-    """The three record sets of a target (resumable by shard; shards are fixed-size, so a changed
-    `num_samples` needs a fresh `work`)."""
+def records_needed(budget: DraftBudget, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The record sets (`generated`, `text`, `captions`) that the runs of `kinds` train on, the runs
+    they start from included."""
+    plan = draft_plan(budget, seed=0)
+    needed = set()
+    for kind in kinds:
+        name = kind
+        while name is not None:
+            needed.add(plan[name].records)
+            name = plan[name].start
+    return tuple(sorted(needed))
+
+
+def build_records(target: Path, recipe: TargetRecipe, work: Path, budget: DraftBudget,
+                  record_sets: tuple[str, ...]) -> dict[str, Path]:
+    """The record sets `record_sets` of a target (resumable by shard; shards are fixed-size, so a
+    `num_samples` that is no longer a multiple of the shard size needs a fresh `work`)."""
     from vispec_vllm.demo.prompts import reference_captions, reference_texts, scene_prompts
     from vispec_vllm.training.data import generate_training_data, reference_data
 
-    return {
-        "generated": generate_training_data(target, work / "records-generated", scene_prompts(scenes=recipe.scenes),
-                                            budget.num_samples, max_tokens=budget.max_tokens),
-        "text": reference_data(target, work / "records-text", reference_texts(scenes=recipe.scenes),
-                               budget.num_samples),
-        "captions": reference_data(target, work / "records-captions", reference_captions(scenes=recipe.scenes),
-                                   budget.num_samples),
+    builders = {
+        "generated": lambda: generate_training_data(target, work / "records-generated",
+                                                    scene_prompts(scenes=recipe.scenes), budget.num_samples,
+                                                    max_tokens=budget.max_tokens),
+        "text": lambda: reference_data(target, work / "records-text", reference_texts(scenes=recipe.scenes),
+                                       budget.num_samples),
+        "captions": lambda: reference_data(target, work / "records-captions",
+                                           reference_captions(scenes=recipe.scenes), budget.num_samples),
     }
+    return {name: builders[name]() for name in record_sets}
 
 
-def build_records_apart(recipe: TargetRecipe, target: Path, work: Path) -> dict[str, Path]:
+def build_records_apart(recipe: TargetRecipe, target: Path, work: Path, shipped: bool,
+                        kinds: tuple[str, ...]) -> dict[str, Path]:
     """`build_records` in a child process: once a vLLM CPU engine has run in a process, it has pinned
     that process's threads, and the drafts' one-thread training would then share them."""
     import subprocess
     import sys
 
     subprocess.run([sys.executable, "-m", "vispec_vllm.demo.build", str(work), "--recipe", recipe.name,
-                    "--target", str(target), "--records-only"], check=True)
-    return build_records(target, recipe, work, budget_for(recipe))  # all shards exist now
+                    "--target", str(target), "--records-only", "--kinds", *kinds,
+                    *(["--shipped-budget"] if shipped else [])], check=True)
+    budget = shipped_budget(recipe) if shipped else budget_for(recipe)
+    return build_records(target, recipe, work, budget, records_needed(budget, kinds))  # all shards exist now
 
 
 def train_once(target: Path, data: Path, out: Path, cfg, init: Path | None = None) -> Path:
@@ -224,11 +253,12 @@ def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes:
     # Records and drafts use the fp16 copy that ships, so drafts learn the target that is served.
     shipped = {"target": out_dir / recipe.name}
     export_fp16(trained_target, shipped["target"])
-    records = build_records_apart(recipe, shipped["target"], work)
-    drafts = train_drafts(shipped["target"], records, work, seed, budget_for(recipe), SHIPPED_KINDS)
-    for kind, trained in drafts.items():
-        shipped[kind] = out_dir / f"{recipe.name}-{kind}"
-        export_fp16(trained, shipped[kind])
+    kinds = tuple(SHIPPED_DRAFTS.values())
+    records = build_records_apart(recipe, shipped["target"], work, shipped=True, kinds=kinds)
+    drafts = train_drafts(shipped["target"], records, work, seed, shipped_budget(recipe), kinds)
+    for name, kind in SHIPPED_DRAFTS.items():
+        shipped[name] = out_dir / f"{recipe.name}-{name}"
+        export_fp16(drafts[kind], shipped[name])
     return shipped
 
 
@@ -287,17 +317,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="+", default=list(DRAFT_KINDS), choices=[*DRAFT_KINDS, *VARIANTS])
     parser.add_argument("--target", type=Path, help="the target directory (default: where the recipe's target ships)")
     parser.add_argument("--records-only", action="store_true", help="stop after the records")
+    parser.add_argument("--shipped-budget", action="store_true",
+                        help="the shipped drafts' budget instead of the regime experiment's")
     args = parser.parse_args(argv)
     recipe = RECIPES_BY_NAME[args.recipe]
     target = args.target or shipped_target(recipe)
     if not (target / "config.json").is_file():
         parser.error(f"no target at {target}; pass --target DIR")
+    kinds = tuple(args.kinds)
+    budget = shipped_budget(recipe) if args.shipped_budget else budget_for(recipe)
     if args.records_only:
-        build_records(target, recipe, args.work, budget_for(recipe))
+        build_records(target, recipe, args.work, budget, records_needed(budget, kinds))
         return
-    records = build_records_apart(recipe, target, args.work)
+    records = build_records_apart(recipe, target, args.work, args.shipped_budget, kinds)
     for seed in args.seeds:
-        train_drafts(target, records, args.work, seed, budget_for(recipe), tuple(args.kinds))
+        train_drafts(target, records, args.work, seed, budget, kinds)
 
 
 if __name__ == "__main__":

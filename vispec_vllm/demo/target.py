@@ -82,6 +82,10 @@ class TargetRecipe:
     # A second conversation cycle after `steps`: (steps, peak lr). The lr warms up again and decays
     # by cosine to the first cycle's floor (a warm restart), on fresh training scenes.
     restart: tuple[int, float] | None = None
+    # The shipped drafts' records and passes over them (`vispec-vllm build-demo`; the regime
+    # experiment trains on its own, smaller budget).
+    shipped_draft_records: int = 240
+    shipped_draft_epochs: int = 10
 
     @property
     def total_steps(self) -> int:
@@ -122,10 +126,11 @@ LLAVA15_SCALE = TargetRecipe("scene-llava-576", rich_scenes, patch_size=8, batch
 # 8,000 vision warm-up steps (8 images each), then 4,000 conversation steps (4 each): 254 minutes
 # over three sessions. Its held-out accuracy was low (63% of objects placed) and the loss still
 # falling, so a warm restart adds 2,000 conversation steps at a peak lr of 3e-4 (62 minutes; then
-# 82% placed, 64% fully right: docs/experiments.md).
+# 82% placed, 64% fully right: docs/experiments.md). Its drafts train on 1,920 records (12 minutes
+# of generation), 5 passes.
 DEEP = TargetRecipe("scene-llava-deep", rich_scenes, patch_size=8, batch_size=4, vision_batch_size=8,
                     max_new_tokens=448, default_minutes=240.0, text_layers=16, steps=(8000, 4000),
-                    restart=(2000, 3e-4))
+                    restart=(2000, 3e-4), shipped_draft_records=1920, shipped_draft_epochs=5)
 # The shipped pairs' recipes by image tokens per image; scene-llava-576 (4 layers, the default before
 # scene-llava-deep) stays reproducible by name.
 RECIPES = {recipe.num_image_tokens: recipe for recipe in (SMALL, DEEP)}
