@@ -175,7 +175,7 @@ class AdaptiveSchedule:
 # The cost model's overheads are fitted on one machine and one pair; elsewhere (another CPU, a
 # deeper target, a compiled draft) its predicted step times can be off by more than the margin
 # between two choices of K. So the scheduler also times its own steps. For each batch-size bucket
-# it keeps the mean seconds of steady decode steps at each K, and fits them with
+# it keeps the mean seconds of steady decode steps at each K (pauses left out), and fits them with
 #     step seconds(K) = base + [K > 0] * drafting + K * per_draft_token
 # (least squares weighted by sample counts, so a K tried for a few steps borrows strength from the
 # K's measured often), then picks the K with the most tokens per second, tau(K) / step seconds(K),
@@ -188,6 +188,11 @@ class AdaptiveSchedule:
 
 MIN_STEADY_SAMPLES = 4  # steady steps at (bucket, K) before that K counts as measured
 STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / STEP_TIME_WEIGHT samples
+# A served engine now and then takes a few steps tens of times longer than the rest (in the demo's
+# server: 9 steps that moved a 15 ms mean to 21 ms at once, and K with it, for hundreds of steps).
+# A steady step over PAUSE_FACTOR times its K's mean is such a pause, not a step time, and is left
+# out; a mean over PAUSE_FACTOR times a new step was raised by one and starts again from it.
+PAUSE_FACTOR = 3.0
 PROBE_STEPS = 8  # steps of one probe; its first is a transition (verifies the previous K's drafts)
 FIRST_PROBE_INTERVAL = 64  # steps in a bucket between probes; doubles up to MAX_PROBE_INTERVAL
 MAX_PROBE_INTERVAL = 512
@@ -232,6 +237,10 @@ class MeasuredStepTimes:
     def observe(self, batch: int, k: int, seconds: float) -> None:
         key = (batch_bucket(batch), k)
         count = self.samples.get(key, 0)
+        if count and seconds > PAUSE_FACTOR * self.seconds[key]:
+            return
+        if count and seconds * PAUSE_FACTOR < self.seconds[key]:
+            count = 0
         # A plain mean for the first samples, then a running mean that follows drift.
         weight = max(1.0 / (count + 1), STEP_TIME_WEIGHT)
         self.seconds[key] = seconds if count == 0 else (1 - weight) * self.seconds[key] + weight * seconds

@@ -168,3 +168,27 @@ def test_the_summary_names_each_bucket_its_k_and_measured_step_times():
         schedule.record_step(6, 3, 0.025)
     schedule.best_k(20, ACCEPTANCE, default_k=2)
     assert schedule.summary() == "batch 5-8: K=- (K=3 25.0 ms x4); batch 17-32: K=2 (unmeasured)"
+
+
+def test_pauses_move_no_step_time_and_no_choice():
+    """A served engine now and then takes a few steps tens of times longer than the rest: they are
+    left out, so they neither move a K's step time nor the K chosen; a pause in a K's first step
+    does not stay in its mean."""
+    times = MeasuredStepTimes()
+    for _ in range(100):
+        times.observe(1, 5, 0.015)
+    for _ in range(9):
+        times.observe(1, 5, 0.4)
+    assert times.seconds[(1, 5)] == pytest.approx(0.015) and times.samples[(1, 5)] == 100
+    times.observe(1, 3, 0.4)  # the first step at K=3 was a pause
+    for _ in range(MIN_STEADY_SAMPLES):
+        times.observe(1, 3, 0.012)
+    assert times.seconds[(1, 3)] == pytest.approx(0.012)
+
+    batch = 1
+    schedule = OnlineSchedule(MAX_K, pessimistic_model)
+    serve(schedule, drafting_pays_everywhere, batch, 3000)
+    chosen = schedule.best_k(batch, ACCEPTANCE)
+    for _ in range(9):
+        schedule.record_step(batch, chosen, 30 * drafting_pays_everywhere(batch, chosen))
+    assert schedule.best_k(batch, ACCEPTANCE) == chosen
