@@ -44,7 +44,7 @@ def main() -> None:
     target = args.target or DEMO_PAIRS[recipe.num_image_tokens][0]
     out = args.out or default_out(recipe.name)
     scenes_module = recipe.scenes
-    per_object = hasattr(scenes_module, "objects_described_correctly")
+    per_object = hasattr(scenes_module, "object_accuracy")
 
     seeds = scenes_module.held_out_seeds(args.num_images)
     texts = generate_descriptions(target, seeds, recipe=recipe)
@@ -56,8 +56,9 @@ def main() -> None:
                "generated": text, "reference": scene.description,
                "correct": names_every_object(text, scene.objects)}
         if per_object:
-            row["objects_fully_correct"] = scenes_module.objects_described_correctly(text, scene.objects)
-            row["objects_named_in_place"] = scenes_module.objects_named_in_place(text, scene.objects)
+            accuracy = scenes_module.object_accuracy(text, scene.objects)
+            row["objects_fully_correct"] = accuracy.fully_right
+            row["objects_named_in_place"] = accuracy.named_in_place
         scenes.append(row)
 
     def rate(items: list[dict]) -> float:

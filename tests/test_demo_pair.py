@@ -138,8 +138,9 @@ def test_the_576_target_describes_held_out_scenes(pair):
     for scenes_, tokens in zip(pair.scenes, pair.baseline, strict=True):
         if len(scenes_) == 1:  # descriptions, not the comparison
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-            placed += scenes.objects_named_in_place(text, scenes_[0].objects)
-            fully_right += scenes.objects_described_correctly(text, scenes_[0].objects)
+            accuracy = scenes.object_accuracy(text, scenes_[0].objects)
+            placed += accuracy.named_in_place
+            fully_right += accuracy.fully_right
             total += len(scenes_[0].objects)
     # Measured 19 of 25 placed, 14 of 25 fully right: an object whose sentence lies past the
     # max_tokens cut counts as missed.

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
     build = sub.add_parser("build-demo", help="rebuild a demo target and its vispec and eagle drafts (the default "
-                           "576-token pair: target 316 min, records and drafts 8 min on 2 cores; resumable: "
+                           "576-token pair: target 316 min, records 13 min, drafts 20 min on 2 cores; resumable: "
                            "run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])

@@ -236,6 +236,35 @@ def train_drafts(target: Path, records: dict[str, Path], work: Path, seed: int, 
     return {kind: trained(kind) for kind in kinds}
 
 
+def runs_of(plan: dict[str, TrainingStage], kind: str) -> list[str]:
+    """The runs that make draft `kind`, first half first."""
+    runs = [kind]
+    while plan[runs[0]].start is not None:
+        runs.insert(0, plan[runs[0]].start)
+    return runs
+
+
+def train_drafts_side_by_side(recipe: TargetRecipe, target: Path, work: Path, seed: int,
+                              kinds: tuple[str, ...]) -> None:
+    """Train each shipped draft in a process of its own, side by side: training runs one thread, and
+    the drafts' runs take 31 minutes one after the other on 2 cores, 20 side by side. Only drafts
+    that share no run (no two processes may train one run); otherwise `train_drafts` trains them in turn."""
+    import subprocess
+    import sys
+
+    plan = draft_plan(shipped_budget(recipe), seed)
+    chains = [set(runs_of(plan, kind)) for kind in kinds]
+    if len(kinds) < 2 or any(a & b for i, a in enumerate(chains) for b in chains[i + 1:]):
+        return
+    processes = {kind: subprocess.Popen([sys.executable, "-m", "vispec_vllm.demo.build", str(work), "--recipe",
+                                         recipe.name, "--target", str(target), "--seeds", str(seed), "--kinds", kind,
+                                         "--shipped-budget"]) for kind in kinds}
+    failed = [kind for kind, process in processes.items() if process.wait() != 0]
+    if failed:
+        raise RuntimeError(f"training the {', '.join(failed)} draft failed (its output above); run build-demo again "
+                           "to resume")
+
+
 def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes: float | None = None,
                seed: int = 0) -> dict[str, Path]:
     """Train the target and the shipped drafts of one seed; export fp16 copies named as shipped."""
@@ -255,7 +284,8 @@ def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes:
     export_fp16(trained_target, shipped["target"])
     kinds = tuple(SHIPPED_DRAFTS.values())
     records = build_records_apart(recipe, shipped["target"], work, shipped=True, kinds=kinds)
-    drafts = train_drafts(shipped["target"], records, work, seed, shipped_budget(recipe), kinds)
+    train_drafts_side_by_side(recipe, shipped["target"], work, seed, kinds)
+    drafts = train_drafts(shipped["target"], records, work, seed, shipped_budget(recipe), kinds)  # what is left
     for name, kind in SHIPPED_DRAFTS.items():
         shipped[name] = out_dir / f"{recipe.name}-{name}"
         export_fp16(drafts[kind], shipped[name])

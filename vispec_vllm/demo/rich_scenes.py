@@ -374,14 +374,19 @@ def described_objects(text: str) -> set[tuple[str, str, str, str, int]]:
             for row, column, size, colour, shape, label in _OBJECT_SENTENCE.findall(text)}
 
 
-def objects_described_correctly(text: str, objects: Sequence[RichObject]) -> int:
-    """How many of `objects` a description places, sizes, colours, shapes and labels correctly."""
+@dataclass(frozen=True)
+class ObjectAccuracy:
+    """How many of a scene's objects one description gets right, object sentence by object sentence."""
+
+    named_in_place: int  # colour and shape at the right place, whatever size and number label
+    fully_right: int  # place, size, colour, shape and number label
+
+
+def object_accuracy(text: str, objects: Sequence[RichObject]) -> ObjectAccuracy:
+    """What a description gets right of `objects` (the demo and benchmarks/description_accuracy.py
+    both count with this)."""
     described = described_objects(text)
-    return sum((obj.place, obj.size, obj.colour, obj.shape, obj.label) in described for obj in objects)
-
-
-def objects_named_in_place(text: str, objects: Sequence[RichObject]) -> int:
-    """How many of `objects` a description names (colour and shape) at the right place, whatever
-    size and number label it gives them."""
-    described = {(place, colour, shape) for place, _, colour, shape, _ in described_objects(text)}
-    return sum((obj.place, obj.colour, obj.shape) in described for obj in objects)
+    placed = {(place, colour, shape) for place, _, colour, shape, _ in described}
+    return ObjectAccuracy(
+        named_in_place=sum((obj.place, obj.colour, obj.shape) in placed for obj in objects),
+        fully_right=sum((obj.place, obj.size, obj.colour, obj.shape, obj.label) in described for obj in objects))

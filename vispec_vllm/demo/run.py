@@ -134,16 +134,15 @@ def description_accuracy(scenes_module, examples: list[tuple[list, list[dict]]],
     """How right the answers to the one-image description prompts are, object by object: named in
     the right cell (colour and shape) and fully right (size and number too), as
     benchmarks/description_accuracy.py counts them; None for a scene kind without per-object checks."""
-    if not hasattr(scenes_module, "objects_described_correctly"):
+    if not hasattr(scenes_module, "object_accuracy"):
         return None
     described = [(scenes_[0], answer) for (scenes_, _), answer in zip(examples, answers, strict=True)
                  if len(scenes_) == 1]
+    counted = [scenes_module.object_accuracy(answer, scene.objects) for scene, answer in described]
     return {"descriptions": len(described),
             "objects": sum(len(scene.objects) for scene, _ in described),
-            "objects_named_in_place": sum(scenes_module.objects_named_in_place(answer, scene.objects)
-                                          for scene, answer in described),
-            "objects_fully_right": sum(scenes_module.objects_described_correctly(answer, scene.objects)
-                                       for scene, answer in described)}
+            "objects_named_in_place": sum(accuracy.named_in_place for accuracy in counted),
+            "objects_fully_right": sum(accuracy.fully_right for accuracy in counted)}
 
 
 def run_demo(options: DemoOptions) -> dict:
