@@ -67,6 +67,26 @@ def test_acceptance_report_smoke(tiny_models, tmp_path):
 
 
 @pytest.mark.engine
+def test_step_breakdown_smoke(tiny_models, tmp_path):
+    out = tmp_path / "step_breakdown.json"
+    run("step_breakdown.py", "--target", str(tiny_models / "tiny-llava"), "--vispec",
+        str(tiny_models / "tiny-llava-vispec"), "--eagle", "", "--k", "2", "--repeats", "1", "--num-requests", "2",
+        "--warmup-requests", "1", "--max-tokens", "8", "--image-tokens", "36", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = {row["setup"]: row for row in report["setups"]}
+    assert set(rows) == {"none", "vispec"} and report["k"] == 2
+    none, vispec = rows["none"], rows["vispec"]
+    # One token a step without speculation; every step drafts with it (K draft forwards a step).
+    assert none["tokens_per_step"]["median"] == 1.0 and "drafting" not in none["ms_per_step"]
+    assert vispec["tokens_per_step"]["median"] >= 1.0 and vispec["calls_per_step"]["draft_forward"] > 1
+    for row in rows.values():
+        phases = {label: value["median"] for label, value in row["ms_per_step"].items()}
+        assert 0 < phases["target_forward"] < phases["execute_model"] < phases["engine_step"]
+    assert vispec["ms_per_step"]["draft_forward"]["median"] < vispec["ms_per_step"]["drafting"]["median"]
+    assert vispec["tok_s_over_none"]["median"] > 0
+
+
+@pytest.mark.engine
 def test_proposer_overhead_smoke(tiny_models, tmp_path):
     out = tmp_path / "proposer_overhead.json"
     run("proposer_overhead.py", "--smoke", "--target", str(tiny_models / "tiny-llava"),

@@ -23,6 +23,7 @@ from vispec_vllm.demo.build import (
     budget_for,
     draft_plan,
     records_needed,
+    runs_of,
     shipped_budget,
     train_once,
 )
@@ -99,6 +100,9 @@ def test_the_shipped_drafts_share_one_budget(recipe):
         assert [run.config.steps for run in draft_runs] == [budget.half_steps] * 2, name
         assert {run.records for run in draft_runs} == {"generated"}, name
     assert runs["vispec"][-1].config.stage == 2 and runs["eagle"][-1].config.stage == 1
+    # build-demo trains them side by side, so they must share no run.
+    assert not set(runs_of(plan, SHIPPED_DRAFTS["vispec"])) & set(runs_of(plan, SHIPPED_DRAFTS["eagle"]))
+    assert runs_of(plan, "vispec") == ["stage1-generated", "vispec"]
 
 
 def test_a_run_finished_under_another_config_is_refused(tmp_path):
