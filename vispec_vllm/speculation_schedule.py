@@ -191,8 +191,11 @@ STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / ST
 # A served engine now and then takes a few steps tens of times longer than the rest (in the demo's
 # server: 9 steps that moved a 15 ms mean to 21 ms at once, and K with it, for hundreds of steps).
 # A steady step over PAUSE_FACTOR times its K's mean is such a pause, not a step time, and is left
-# out; a mean over PAUSE_FACTOR times a new step was raised by one and starts again from it.
+# out; a mean over PAUSE_FACTOR times a new step was raised by one and starts again from it. After
+# MAX_PAUSES_IN_A_ROW such steps at one K the step time has changed, not paused: the mean starts
+# again from the next.
 PAUSE_FACTOR = 3.0
+MAX_PAUSES_IN_A_ROW = 32
 PROBE_STEPS = 8  # steps of one probe; its first is a transition (verifies the previous K's drafts)
 FIRST_PROBE_INTERVAL = 64  # steps in a bucket between probes; doubles up to MAX_PROBE_INTERVAL
 MAX_PROBE_INTERVAL = 512
@@ -233,12 +236,17 @@ class MeasuredStepTimes:
 
     seconds: dict[tuple[int, int], float] = field(default_factory=dict)
     samples: dict[tuple[int, int], int] = field(default_factory=dict)
+    pauses_in_a_row: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         key = (batch_bucket(batch), k)
         count = self.samples.get(key, 0)
         if count and seconds > PAUSE_FACTOR * self.seconds[key]:
-            return
+            self.pauses_in_a_row[key] = self.pauses_in_a_row.get(key, 0) + 1
+            if self.pauses_in_a_row[key] <= MAX_PAUSES_IN_A_ROW:
+                return
+            count = 0
+        self.pauses_in_a_row[key] = 0
         if count and seconds * PAUSE_FACTOR < self.seconds[key]:
             count = 0
         # A plain mean for the first samples, then a running mean that follows drift.

@@ -10,6 +10,7 @@ import pytest
 
 from vispec_vllm.cost_model import AcceptanceCurve
 from vispec_vllm.speculation_schedule import (
+    MAX_PAUSES_IN_A_ROW,
     MIN_STEADY_SAMPLES,
     PROBE_STEPS,
     MeasuredStepTimes,
@@ -184,6 +185,10 @@ def test_pauses_move_no_step_time_and_no_choice():
     for _ in range(MIN_STEADY_SAMPLES):
         times.observe(1, 3, 0.012)
     assert times.seconds[(1, 3)] == pytest.approx(0.012)
+    # A step time that stays 4x higher is a change, not a pause: taken after MAX_PAUSES_IN_A_ROW.
+    for _ in range(MAX_PAUSES_IN_A_ROW + 1):
+        times.observe(1, 5, 0.06)
+    assert times.seconds[(1, 5)] == pytest.approx(0.06)
 
     batch = 1
     schedule = OnlineSchedule(MAX_K, pessimistic_model)

@@ -150,17 +150,19 @@ def draft_plan(budget: DraftBudget, seed: int) -> dict[str, TrainingStage]:
     return plan
 
 
+def runs_of(plan: dict[str, TrainingStage], kind: str) -> list[str]:
+    """The runs that make draft `kind`, first half first."""
+    runs = [kind]
+    while plan[runs[0]].start is not None:
+        runs.insert(0, plan[runs[0]].start)
+    return runs
+
+
 def records_needed(budget: DraftBudget, kinds: tuple[str, ...]) -> tuple[str, ...]:
     """The record sets (`generated`, `text`, `captions`) that the runs of `kinds` train on, the runs
     they start from included."""
     plan = draft_plan(budget, seed=0)
-    needed = set()
-    for kind in kinds:
-        name = kind
-        while name is not None:
-            needed.add(plan[name].records)
-            name = plan[name].start
-    return tuple(sorted(needed))
+    return tuple(sorted({plan[name].records for kind in kinds for name in runs_of(plan, kind)}))
 
 
 def build_records(target: Path, recipe: TargetRecipe, work: Path, budget: DraftBudget,
@@ -234,14 +236,6 @@ def train_drafts(target: Path, records: dict[str, Path], work: Path, seed: int, 
         return train_once(target, records[stage.records], draft_dir(work, seed, name), stage.config, init)
 
     return {kind: trained(kind) for kind in kinds}
-
-
-def runs_of(plan: dict[str, TrainingStage], kind: str) -> list[str]:
-    """The runs that make draft `kind`, first half first."""
-    runs = [kind]
-    while plan[runs[0]].start is not None:
-        runs.insert(0, plan[runs[0]].start)
-    return runs
 
 
 def train_drafts_side_by_side(recipe: TargetRecipe, target: Path, work: Path, seed: int,
