@@ -126,3 +126,30 @@ def test_training_imports_no_demo_code():
             "print(sorted(m for m in sys.modules if m.startswith(('vispec_vllm.demo', 'vllm'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_shipped_drafts_train_side_by_side_only_when_they_share_no_run(monkeypatch, tmp_path):
+    """build-demo starts one training process per shipped draft; drafts that share a run (vispec and
+    eagle share stage1-generated) would train it twice at once, so they are left to train in turn."""
+    import vispec_vllm.demo.build as build
+
+    started = []
+
+    class FinishedProcess:
+        def __init__(self, command):
+            started.append(command)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", FinishedProcess)
+    recipe = RECIPES[576]
+    build.train_drafts_side_by_side(recipe, tmp_path / "target", tmp_path, 0, tuple(SHIPPED_DRAFTS.values()))
+    assert [command[command.index("--kinds") + 1] for command in started] == list(SHIPPED_DRAFTS.values())
+    assert all("--shipped-budget" in command for command in started)
+    started.clear()
+    build.train_drafts_side_by_side(recipe, tmp_path / "target", tmp_path, 0, ("vispec", "eagle"))
+    assert started == []
+    monkeypatch.setattr(FinishedProcess, "wait", lambda self: 1)
+    with pytest.raises(RuntimeError, match="vispec-drop-reg, eagle draft failed"):
+        build.train_drafts_side_by_side(recipe, tmp_path / "target", tmp_path, 0, tuple(SHIPPED_DRAFTS.values()))
