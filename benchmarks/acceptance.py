@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import RESULTS, TEXT_PROMPTS, machine_description, measure_acceptance, pyplot, write_report
+from common import RESULTS, TEXT_PROMPTS, images_in, machine_description, measure_acceptance, pyplot, write_report
 
 
 def plot(report: dict, path: Path) -> None:
@@ -74,9 +74,7 @@ def main() -> None:
                "text": [[{"role": "user", "content": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}]
                         for i in range(args.num_requests)]}
     prompts = {kind: prompts[kind] for kind in args.prompt_kinds}
-    max_images = max(1, *(sum(part.get("type") == "image_pil" for message in conversation
-                              if isinstance(message["content"], list) for part in message["content"])
-                          for conversation in prompts.get("image", [])))
+    max_images = max([1, *map(images_in, prompts.get("image", []))])  # text prompts only: 1
     report = {"machine": machine_description(), "target": target.name, "image_tokens": args.image_tokens,
               "max_tokens": args.max_tokens, "drafts": {name: Path(draft).name for name, draft in drafts.items()},
               "runs": []}

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine_description, measure_acceptance_by_position, pyplot, spread, write_report
+from common import RESULTS, images_in, machine_description, measure_acceptance_by_position, pyplot, spread, write_report
 
 REPORT_K = 5
 DEFAULT_TARGETS = ("scene-llava-deep", "scene-llava")
@@ -212,7 +212,7 @@ def main() -> None:
         train(work, name, target, args.seeds, args.drafts)
         held_out = scene_prompts(held_out=True, scenes=recipe.scenes)
         prompts = {"image": [held_out(i) for i in range(args.num_requests)]}
-        images_per_prompt = [sum(part.get("type") == "image_pil" for part in p[0]["content"]) for p in prompts["image"]]
+        images_per_prompt = [images_in(prompt) for prompt in prompts["image"]]
         if hasattr(recipe.scenes, "compare_messages") and max(images_per_prompt) < 2:
             raise RuntimeError(f"{name}: no two-image prompt among the first {args.num_requests} held-out prompts")
         prompt_notes[name] = f"{images_per_prompt.count(2)} of {args.num_requests} with two images"

@@ -78,6 +78,12 @@ def describe_prompt(image_tokens: int = 36) -> str:
     return scene_module(image_tokens).DESCRIBE_PROMPT
 
 
+def images_in(conversation: list[dict]) -> int:
+    """How many images a chat prompt carries (its `image_pil` parts)."""
+    return sum(part.get("type") == "image_pil" for message in conversation
+               if isinstance(message["content"], list) for part in message["content"])
+
+
 # --------------------------------------------------------------------------------------------
 # Servers
 

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine_description, spread, write_json
+from common import RESULTS, images_in, machine_description, scene_module, spread, write_json
 
 # (class path, method, label): the phases timed, outermost first.
 TIMED = (
@@ -76,7 +76,6 @@ def measure(args: argparse.Namespace, setup: str) -> dict:
     from vllm import LLM, SamplingParams
 
     from vispec_vllm.demo.prompts import scene_prompts
-    from vispec_vllm.demo.target import RECIPES
 
     totals: dict[str, float] = collections.defaultdict(float)
     counts: collections.Counter = collections.Counter()
@@ -84,12 +83,10 @@ def measure(args: argparse.Namespace, setup: str) -> dict:
     draft = {"vispec": args.vispec, "eagle": args.eagle}.get(setup)
     spec = None if draft is None else {"model": str(draft), "num_speculative_tokens": args.k,
                                        **({"method": "eagle"} if setup == "eagle" else {})}
-    held_out = scene_prompts(held_out=True, scenes=RECIPES[args.image_tokens].scenes)
+    held_out = scene_prompts(held_out=True, scenes=scene_module(args.image_tokens))
     prompts = [held_out(i) for i in range(args.warmup_requests + args.num_requests)]
-    images = max(sum(part.get("type") == "image_pil" for message in prompt if isinstance(message["content"], list)
-                     for part in message["content"]) for prompt in prompts)
     llm = LLM(model=str(args.target), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
-              distributed_executor_backend="uni", limit_mm_per_prompt={"image": max(1, images)},
+              distributed_executor_backend="uni", limit_mm_per_prompt={"image": max([1, *map(images_in, prompts)])},
               speculative_config=spec)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     for prompt in prompts[: args.warmup_requests]:

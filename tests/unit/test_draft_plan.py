@@ -34,11 +34,7 @@ BUDGET = DraftBudget(num_samples=24, epochs=5)
 
 def chain(plan: dict, name: str) -> list:
     """The runs of a draft, first half first."""
-    runs = []
-    while name is not None:
-        runs.insert(0, plan[name])
-        name = plan[name].start
-    return runs
+    return [plan[run] for run in runs_of(plan, name)]
 
 
 def config_changes(a, b) -> dict:
