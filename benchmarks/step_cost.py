@@ -206,8 +206,9 @@ class DraftUnderTest:
             global_image_terms, compressed_tokens = image_tables([CompressedImage(tokens, term)] * requests,
                                                                  draft.num_q - 1, draft.hidden_size, term.dtype,
                                                                  term.device)
-            draft.set_planned_rows(global_image_terms, plan.global_feature_source, compressed_tokens,
-                                   plan.compressed_index, plan.is_dropped)
+            draft.set_planned_rows(global_image_terms, plan.global_feature_source % len(global_image_terms),
+                                   compressed_tokens, plan.compressed_index % len(compressed_tokens),
+                                   plan.compressed_index >= 0, plan.is_dropped)
 
     @property
     def ran_compiled(self) -> bool:

@@ -47,10 +47,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -86,17 +85,69 @@ def eager_draft_forced() -> bool:
     return os.environ.get(EAGER_DRAFT_ENV, "0") == "1"
 
 
+# Layer 0's attention tensors under their published names (before the loader maps them).
+ATTENTION_PREFIX = "layers.0.self_attn."
+QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def padded_attention_tensors(weights: Iterable[tuple[str, torch.Tensor]], num_heads: int, head_dim: int,
+                             padded_head_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Published tensors with layer 0's attention projections laid out for heads of
+    `padded_head_dim` (see `ViSpecAttention`), every other tensor as it is. Each head's first
+    head_dim channels are the published ones and its padding channels zero, in q, k and v and in
+    the output projection's input; the q bias holds 1 in each head's mask channel (channel
+    head_dim), so every query carries the mask channel. A checkpoint without q/k/v biases gets
+    biases that are zero but for that 1."""
+    def padded(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(tensor.shape)
+        heads = tensor.unflatten(dim, (num_heads, head_dim))
+        out = heads.new_zeros(*heads.shape[:dim + 1], padded_head_dim, *heads.shape[dim + 2:])
+        out.narrow(dim + 1, 0, head_dim).copy_(heads)
+        shape[dim] = num_heads * padded_head_dim
+        return out.reshape(shape)
+
+    def query_mask(bias: torch.Tensor) -> torch.Tensor:
+        bias.view(num_heads, padded_head_dim)[:, head_dim] = 1.0
+        return bias
+
+    biases: dict[str, torch.Tensor] = {}
+    dtype = torch.float32
+    for name, tensor in weights:
+        projection, _, kind = name.removeprefix(ATTENTION_PREFIX).partition(".")
+        if not name.startswith(ATTENTION_PREFIX):
+            yield name, tensor
+        elif projection in QKV_PROJECTIONS and kind == "bias":
+            biases[projection] = padded(tensor, 0)
+        elif projection in (*QKV_PROJECTIONS, "o_proj") and kind == "weight":
+            dtype = tensor.dtype
+            yield name, padded(tensor, 1 if projection == "o_proj" else 0)
+        else:
+            yield name, tensor
+    for projection in QKV_PROJECTIONS:
+        bias = biases.get(projection)
+        if bias is None:
+            bias = torch.zeros(num_heads * padded_head_dim, dtype=dtype)
+        yield f"{ATTENTION_PREFIX}{projection}.bias", query_mask(bias) if projection == "q_proj" else bias
+
+
 class ViSpecAttention(nn.Module):
-    """Multi-head attention whose keys carry a mask channel (see the module docstring)."""
+    """Multi-head attention whose keys carry a mask channel (see the module docstring).
+
+    The heads run padded to the attention's head size, and the projections are loaded laid out
+    for the padded heads (`padded_attention_tensors`): the q/k/v projection gives padded heads
+    with every query's mask channel already 1, and the output projection reads them directly.
+    Masking then costs one op more than an unmasked layer (the dropped rows' key mask), where
+    padding, filling and slicing the heads took four (each op's host cost shows on a small draft)."""
 
     def __init__(self, vllm_config: VllmConfig, config, vispec: ViSpecDraftConfig, prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = vispec.head_dim
         self.padded_head_dim = vispec.masked_head_size  # head_dim channels, the mask channel, padding
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_heads,
-                                          bias=vispec.qkv_bias, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False,
+        # Biased whatever the checkpoint: the q bias carries the query's mask channel.
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.padded_head_dim, self.num_heads, self.num_heads,
+                                          bias=True, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(self.num_heads * self.padded_head_dim, config.hidden_size, bias=False,
                                         prefix=f"{prefix}.o_proj")
         self.num_local_heads = self.qkv_proj.num_heads
         rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
@@ -114,14 +165,11 @@ class ViSpecAttention(nn.Module):
 
     def padded_heads(self, qkv: torch.Tensor, is_dropped_row: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k and v of `qkv` ([rows, 3 x heads x head_dim]) as heads padded to the attention's head
-        size, made in one op: channel head_dim is the mask channel (1 in every query,
-        -KEY_MASK_VALUE in a dropped row's key, 0 elsewhere), the rest zero. Few ops, because on a
-        small draft each op's host cost shows."""
+        """q, k and v of the padded projection's output `qkv` ([rows, 3 x heads x padded]), with the
+        mask channel of a dropped row's key set to -KEY_MASK_VALUE (the projection leaves it 0;
+        every query holds 1 there)."""
         rows = qkv.shape[0]
-        padded = F.pad(qkv.view(rows, 3, self.num_local_heads, self.head_dim),
-                       (0, self.padded_head_dim - self.head_dim))
-        padded[:, 0, :, self.head_dim] = 1.0
+        padded = qkv.view(rows, 3, self.num_local_heads, self.padded_head_dim)
         padded[:, 1, :, self.head_dim].masked_fill_(is_dropped_row[:, None], -KEY_MASK_VALUE)
         q, k, v = padded.view(rows, 3, -1).unbind(1)
         return q, k, v
@@ -131,9 +179,8 @@ class ViSpecAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = self.padded_heads(qkv, is_dropped_row)
         q, k = self.rotary_emb(positions, q, k)
-        rows = q.shape[0]
-        out = self.attn(q, k, v).view(rows, self.num_local_heads, self.padded_head_dim)[..., : self.head_dim]
-        output, _ = self.o_proj(out.reshape(rows, -1))
+        # The output projection gives the padding channels zero weight.
+        output, _ = self.o_proj(self.attn(q, k, v))
         return output
 
 
@@ -234,6 +281,9 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         self.register_buffer("is_compressed_row", torch.zeros(max_rows, dtype=torch.bool), persistent=False)
         # image rows hidden from every query through the key-mask channel (see ViSpecAttention)
         self.register_buffer("is_dropped_row", torch.zeros(max_rows, dtype=torch.bool), persistent=False)
+        # Rows from here on hold no set flag (is_compressed_row, is_dropped_row), so the setters
+        # clear only flags that may be set: host bookkeeping of the buffers above, kept beside them.
+        self.flagged_rows = 0
 
     @property
     def num_q(self) -> int:
@@ -259,30 +309,37 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
             return
         for buffer in (self.global_image_term, self.compressed_token, self.is_compressed_row, self.is_dropped_row):
             buffer[start:end].zero_()
+        if end is None or end >= self.flagged_rows:
+            self.flagged_rows = min(self.flagged_rows, start)
 
     def set_text_rows(self, global_image_term: torch.Tensor) -> None:
         """Rows [0, n) are text rows, row i adding global_image_term[i] ([n, H])."""
         rows = global_image_term.shape[0]
         self.global_image_term[:rows] = global_image_term
-        self.is_compressed_row[:rows].zero_()
-        self.is_dropped_row[:rows].zero_()
+        flagged = min(rows, self.flagged_rows)
+        if flagged:  # a chain step's rows mostly hold no flag already: two ops saved
+            self.is_compressed_row[:flagged].zero_()
+            self.is_dropped_row[:flagged].zero_()
+            if rows >= self.flagged_rows:
+                self.flagged_rows = 0
 
-    def set_planned_rows(self, global_image_terms: torch.Tensor, global_term_index: torch.Tensor,
-                         compressed_tokens: torch.Tensor, compressed_index: torch.Tensor,
-                         is_dropped_row: torch.Tensor) -> None:
+    def set_planned_rows(self, global_image_terms: torch.Tensor, global_term_row: torch.Tensor,
+                         compressed_tokens: torch.Tensor, compressed_token_row: torch.Tensor,
+                         is_compressed_row: torch.Tensor, is_dropped_row: torch.Tensor) -> None:
         """Rows [0, n) as a row plan says (vispec_vllm/row_plan.py): row i adds
-        global_image_terms[global_term_index[i]], holds compressed_tokens[compressed_index[i]] where
-        compressed_index[i] >= 0, and is dropped where is_dropped_row[i]. Index -1 picks a table's
-        last entry, which is zero (`vispec_vllm.proposer_state.image_tables`). Indices and flags on
-        the draft's device; gathers and copies only, so no step waits on the device (index_select
-        straight into the buffers: a fraction of what advanced indexing costs on the host)."""
-        rows = global_term_index.shape[0]
-        torch.index_select(global_image_terms, 0, global_term_index.remainder(global_image_terms.shape[0]),
-                           out=self.global_image_term[:rows])
-        torch.index_select(compressed_tokens, 0, compressed_index.remainder(compressed_tokens.shape[0]),
-                           out=self.compressed_token[:rows])
-        self.is_compressed_row[:rows] = compressed_index >= 0
+        global_image_terms[global_term_row[i]], holds compressed_tokens[compressed_token_row[i]]
+        where is_compressed_row[i], and is dropped where is_dropped_row[i]. The rows index the
+        tables as they are: a row plan's -1 (no image) is the table's last entry, which is zero
+        (`vispec_vllm.proposer_state.image_tables`); the caller maps it on the host, where such
+        index work is cheaper than on the device. Indices and flags on the draft's device; gathers
+        and copies only, so no step waits on the device (index_select straight into the buffers:
+        a fraction of what advanced indexing costs on the host)."""
+        rows = global_term_row.shape[0]
+        torch.index_select(global_image_terms, 0, global_term_row, out=self.global_image_term[:rows])
+        torch.index_select(compressed_tokens, 0, compressed_token_row, out=self.compressed_token[:rows])
+        self.is_compressed_row[:rows] = is_compressed_row
         self.is_dropped_row[:rows] = is_dropped_row
+        self.flagged_rows = max(self.flagged_rows, rows)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, hidden_states: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,6 +356,9 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         tensors the checkpoint validator reported as unused are dropped by name."""
         skip_unused = WeightsMapper(orig_to_new_regex={re.compile(f"^{re.escape(name)}$"): None
                                                        for name in self.vispec_config.ignored_weights})
+        vispec = self.vispec_config
+        weights = padded_attention_tensors(weights, self.config.num_attention_heads, vispec.head_dim,
+                                           vispec.masked_head_size)
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=skip_unused | self.hf_to_vllm_mapper)
         self.fold_img_fc()
         for name in loaded:

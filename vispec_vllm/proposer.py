@@ -14,7 +14,9 @@ input-batch row. Only requests whose window still touches an image (prefill chun
 reading their image spans.
 
 Each hook works from its own arguments and the proposer state alone; what survives a step lives
-in `self.state` (vispec_vllm/proposer_state.py).
+in `self.state` (vispec_vllm/proposer_state.py), and what one propose() works out at a forward for
+its later forwards (the chain's rows, the block table its attention reads) in `self.step`, new at
+every call.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vispec_vllm.draft_model import EAGER_DRAFT_ENV, ViSpecDraftModel, eager_draft_forced
 from vispec_vllm.proposer_state import (
+    KeyBlocksRead,
+    ProposeCall,
     ViSpecProposerState,
     image_state_capacity,
     image_tables,
@@ -51,6 +55,9 @@ class ViSpecProposer(EagleProposer):
                              "remove disable_padded_drafter_batch from the speculative config")
         self.state = ViSpecProposerState(image_state_capacity(vllm_config.scheduler_config.max_num_seqs),
                                          self.max_batch_size, self.hidden_size, self.dtype, device)
+        # What one propose() works out at a forward and its later forwards reuse (a new one
+        # every call: nothing in it outlives the step).
+        self.step = ProposeCall()
         if eager_draft_forced():
             logger.info("vispec-vllm: the ViSpec draft runs eagerly (%s=1)", EAGER_DRAFT_ENV)
 
@@ -81,6 +88,7 @@ class ViSpecProposer(EagleProposer):
         if timing is not None:
             started = self._synchronized_clock()
         # The first pass's rows are this step's query rows (vLLM's default EAGLE path keeps them).
+        self.step = ProposeCall()
         self._fill_first_pass_rows(common_attn_metadata)
         drafts = super().propose(
             num_speculative_tokens, target_token_ids, target_positions, target_hidden_states, next_token_ids,
@@ -101,10 +109,13 @@ class ViSpecProposer(EagleProposer):
 
     def _update_positions_dependent_metadata(self, positions, common_attn_metadata, batch_size,
                                              input_batch_size, block_size):
-        # Before each chain step: one row per request (input-batch order) fusing its decode g, then
-        # padding. The same every chain step of a propose(), rewritten so no hook hands on a flag.
-        self.draft.set_text_rows(self.state.decode_global_image_term[:batch_size])
-        self.draft.clear_row_inputs(batch_size, input_batch_size)
+        # Before the chain steps: one row per request (input-batch order) fusing its decode g, then
+        # padding. The same at every chain step of a propose() (nothing else writes the buffers
+        # between them), so written before the first only: at K=5, three copies a step saved.
+        if not self.step.chain_rows_written:
+            self.draft.set_text_rows(self.state.decode_global_image_term[:batch_size])
+            self.draft.clear_row_inputs(batch_size, input_batch_size)
+            self.step.chain_rows_written = True
         return super()._update_positions_dependent_metadata(positions, common_attn_metadata, batch_size,
                                                             input_batch_size, block_size)
 
@@ -113,19 +124,27 @@ class ViSpecProposer(EagleProposer):
         # Every forward's attention reads through this: rows of settled requests skip the KV
         # blocks that hold only dropped image rows (zero weight for every query past them), so
         # the draft reads no more keys than the image's compressed rows and the text need. Cache
-        # writes keep the full table (vLLM passes their slots separately).
+        # writes keep the full table (vLLM passes their slots separately). vLLM builds a step's
+        # first forward with draft_index 0 and its chain forwards over the same block table, so
+        # the table read is gathered once a step; only the sequence lengths move along the chain.
         cad = common_attn_metadata
-        table = cad.block_table_tensor
-        read = self.state.key_blocks_read(self.runner.input_batch.num_computed_tokens_cpu, table.shape[0],
-                                          table.shape[1], self.block_size)
-        if read is not None:  # built for exactly table.shape[0] rows, on the proposer's device
+        if draft_index == 0:
+            self.step.key_blocks = self._key_blocks_of_step(cad.block_table_tensor)
+        if self.step.key_blocks is not None:
+            read, block_table = self.step.key_blocks
             upper_bound = cad.seq_lens_cpu_upper_bound
-            cad = cad.replace(block_table_tensor=table.gather(1, read.index),
-                              seq_lens=cad.seq_lens - read.skipped_rows,
+            cad = cad.replace(block_table_tensor=block_table, seq_lens=cad.seq_lens - read.skipped_rows,
                               seq_lens_cpu_upper_bound=None if upper_bound is None
                               else upper_bound - read.skipped_rows_cpu,
                               _num_computed_tokens_cache=None)
         return super().build_per_group_and_layer_attn_metadata(cad, draft_index)
+
+    def _key_blocks_of_step(self, table: torch.Tensor) -> tuple[KeyBlocksRead, torch.Tensor] | None:
+        """The step's key-block view (None: every row reads every block) and the block table it reads."""
+        read = self.state.key_blocks_read(self.runner.input_batch.num_computed_tokens_cpu, table.shape[0],
+                                          table.shape[1], self.block_size)
+        # built for exactly table.shape[0] rows, on the proposer's device
+        return None if read is None else (read, table.gather(1, read.index))
 
     def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
                   slot_mappings=None) -> None:
@@ -167,24 +186,27 @@ class ViSpecProposer(EagleProposer):
         g_table, token_table = self._image_tables(images, plan.referenced_images)
         # One table of every g a row may fuse: the requests' decode g, then the images' g and the
         # zero that index -1 picks. A planned request's row fuses what the plan says (an image's g,
-        # or zero); any other row its request's decode g.
+        # or zero); any other row its request's decode g. Row indices and flags are worked out on
+        # the host and reach the device in one copy.
         terms = torch.cat((state.decode_global_image_term[:num_reqs], g_table))
         row_request = np.repeat(np.arange(num_reqs), np.diff(query_start))
         is_planned = np.zeros(num_reqs, dtype=bool)
         is_planned[planned] = True
         image_source = plan.global_feature_source.numpy()
-        term_index = np.where(is_planned[row_request], np.where(image_source >= 0, num_reqs + image_source, -1),
-                              row_request)
-        # The three per-row arrays reach the device in one copy.
-        per_row = torch.from_numpy(np.stack((term_index, plan.compressed_index.numpy(), plan.is_dropped.numpy())))
-        term_index, compressed_index, is_dropped = per_row.to(self.device).unbind()
-        draft.set_planned_rows(terms, term_index, token_table, compressed_index, is_dropped)
+        compressed_index = plan.compressed_index.numpy()
+        image_term_row = np.where(image_source >= 0, num_reqs + image_source, len(terms) - 1)
+        per_row = torch.from_numpy(np.stack((np.where(is_planned[row_request], image_term_row, row_request),
+                                             compressed_index % len(token_table), compressed_index >= 0,
+                                             plan.is_dropped.numpy())))
+        term_row, token_row, is_compressed, is_dropped = per_row.to(self.device).unbind()
+        draft.set_planned_rows(terms, term_row, token_table, token_row, is_compressed, is_dropped)
 
         # The chain rows of this step fuse the row after each window; past the last image that is
         # the request's decode g for good.
-        planned_rows = torch.from_numpy(planned)
-        following_g = g_table[plan.following_global_feature_source[planned_rows].to(self.device)]
-        state.decode_global_image_term[planned_rows.to(self.device)] = following_g
+        following_g = torch.index_select(
+            g_table, 0, torch.from_numpy(plan.following_global_feature_source.numpy()[planned] % len(g_table))
+            .to(self.device))
+        state.decode_global_image_term.index_copy_(0, torch.from_numpy(planned).to(self.device), following_g)
         window_end = window_start[planned] + query_start[planned + 1] - query_start[planned]
         for j, i in enumerate(planned.tolist()):
             last_end_row = spans[i][-1].end_row if spans[i] else 0

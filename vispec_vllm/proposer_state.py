@@ -129,6 +129,18 @@ class KeyBlocksRead:
     skipped_rows_cpu: torch.Tensor  # the same on the CPU
 
 
+@dataclass
+class ProposeCall:
+    """What one propose() call works out at one draft forward and its later forwards reuse; the
+    proposer starts a new one every call."""
+
+    # The step's key-block view and the block table it reads (None: every row reads every
+    # block), set at the first forward: the chain's forwards read the same block table.
+    key_blocks: tuple[KeyBlocksRead, torch.Tensor] | None = None
+    # The chain's rows are written before its first step and stay for the rest.
+    chain_rows_written: bool = False
+
+
 class ViSpecProposerState:
     """Everything the proposer keeps between steps."""
 

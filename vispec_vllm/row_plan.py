@@ -121,14 +121,14 @@ def plan_rows(images: Sequence[ImageSpan], num_q: int, query_start: torch.Tensor
     compressed_index = np.full(num_rows, -1, dtype=np.int64)
     global_feature_source = np.full(num_rows, -1, dtype=np.int64)
     following = np.full(window_start.size, -1, dtype=np.int64)
-    window_end = (window_start + np.diff(query_start)).tolist()
-    window_start, query_start = window_start.tolist(), query_start.tolist()
 
     referenced = []
     order = sorted(range(len(images)), key=lambda k: (images[k].request, images[k].offset))
     for n, k in enumerate(order):
         image = images[k]
-        window = _Window(window_start[image.request], window_end[image.request], query_start[image.request])
+        # Only the windows of requests with images are read (the proposer plans a whole batch).
+        start, first_flat_row = int(window_start[image.request]), int(query_start[image.request])
+        window = _Window(start, start + int(query_start[image.request + 1]) - first_flat_row, first_flat_row)
         next_image = images[order[n + 1]] if n + 1 < len(order) else None
         is_last = next_image is None or next_image.request != image.request
         # Text rows fuse this image's g up to the next image's first row.

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vispec_vllm.draft_model import ViSpecAttention, ViSpecDraftBody, ViSpecDraftModel
+from vispec_vllm.draft_model import (
+    ATTENTION_PREFIX,
+    ViSpecAttention,
+    ViSpecDraftBody,
+    ViSpecDraftModel,
+    padded_attention_tensors,
+)
 
 HIDDEN, MAX_ROWS = 16, 12
 FOLD_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fold and published fusion differ by float32 rounding only
@@ -57,7 +63,7 @@ def stand_in_draft(bias: bool = True) -> tuple[SimpleNamespace, StandInBody]:
         global_image_projection=torch.zeros(HIDDEN, HIDDEN), global_image_term=torch.zeros(MAX_ROWS, HIDDEN),
         compressed_token=torch.zeros(MAX_ROWS, HIDDEN),
         is_compressed_row=torch.zeros(MAX_ROWS, dtype=torch.bool),
-        is_dropped_row=torch.zeros(MAX_ROWS, dtype=torch.bool))
+        is_dropped_row=torch.zeros(MAX_ROWS, dtype=torch.bool), flagged_rows=0)
     draft.imadpt.q = torch.zeros(1)  # compress_image casts the embeddings to the adaptor's dtype
     for method in ("embed_input_ids", "clear_row_inputs", "set_text_rows", "set_planned_rows", "fold_img_fc",
                    "compress_image"):
@@ -86,6 +92,7 @@ def fill(draft, g: torch.Tensor, tokens: torch.Tensor, compressed: list[int], dr
     draft.is_compressed_row[compressed] = True
     draft.is_dropped_row.zero_()
     draft.is_dropped_row[dropped] = True
+    draft.flagged_rows = MAX_ROWS  # flags written past the setters
 
 
 @torch.no_grad()
@@ -143,10 +150,11 @@ def test_cleared_buffers_mean_no_image():
 @torch.no_grad()
 def test_row_setters_fill_the_buffers_the_forward_reads():
     draft, _ = stand_in_draft()
-    # Tables as the proposer builds them: a zero last entry, which index -1 picks.
+    # Tables as the proposer builds them: a zero last entry, the rows of no image.
     terms = torch.cat((torch.randn(3, HIDDEN), torch.zeros(1, HIDDEN)))
     tokens = torch.cat((torch.randn(4, HIDDEN), torch.zeros(1, HIDDEN)))
-    draft.set_planned_rows(terms, torch.tensor([-1, 0, 2, 1, 0]), tokens, torch.tensor([-1, -1, 3, 0, -1]),
+    draft.set_planned_rows(terms, torch.tensor([3, 0, 2, 1, 0]), tokens, torch.tensor([4, 4, 3, 0, 4]),
+                           torch.tensor([False, False, True, True, False]),
                            torch.tensor([True, True, False, False, False]))
     g = terms[[3, 0, 2, 1, 0]]
     assert torch.equal(draft.global_image_term[:5], g)
@@ -162,23 +170,86 @@ def test_row_setters_fill_the_buffers_the_forward_reads():
     assert not draft.compressed_token[2:].any()
 
 
+@torch.no_grad()
+def test_text_rows_clear_every_flag_a_planned_step_left():
+    # The setters skip clearing flags that no setter has set since the last clear; whatever the
+    # order of planned, text and padding rows, the flags equal those of a full rewrite.
+    draft, _ = stand_in_draft()
+    terms, tokens = torch.randn(3, HIDDEN), torch.randn(2, HIDDEN)
+    draft.set_planned_rows(terms, torch.zeros(6, dtype=torch.long), tokens, torch.ones(6, dtype=torch.long),
+                           torch.tensor([0, 1, 0, 0, 1, 1]), torch.tensor([1, 0, 1, 1, 0, 0]))
+    assert draft.is_compressed_row.tolist()[:6] == [False, True, False, False, True, True]
+    draft.set_text_rows(terms[:2])  # two chain rows: rows 2-5 keep their flags until cleared
+    assert not draft.is_compressed_row[:2].any() and not draft.is_dropped_row[:2].any()
+    assert draft.is_compressed_row[4] and draft.is_dropped_row[2]
+    draft.clear_row_inputs(3, 4)  # padding inside the flagged rows: rows 4-5 still flagged
+    draft.set_text_rows(terms[:3])
+    assert draft.is_compressed_row[4] and draft.is_compressed_row[5]
+    draft.clear_row_inputs(3, MAX_ROWS)  # the padding after them clears the rest
+    assert not draft.is_compressed_row.any() and not draft.is_dropped_row.any()
+    draft.set_planned_rows(terms, torch.zeros(4, dtype=torch.long), tokens, torch.ones(4, dtype=torch.long),
+                           torch.tensor([1, 1, 1, 1]), torch.tensor([0, 0, 0, 0]))
+    draft.set_text_rows(terms[:3].repeat(2, 1))  # six text rows cover all four flagged ones
+    assert not draft.is_compressed_row.any() and not draft.is_dropped_row.any()
+    assert draft.flagged_rows == 0
+
+
+def padded_projections(qkv: nn.Linear, o_proj: nn.Linear, num_heads: int, head_dim: int, padded_head_dim: int,
+                       with_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qkv weight, qkv bias, o weight) as the draft's loader lays the published tensors out."""
+    size = num_heads * head_dim
+    published = {f"{ATTENTION_PREFIX}o_proj.weight": o_proj.weight}
+    for i, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+        published[f"{ATTENTION_PREFIX}{projection}.weight"] = qkv.weight[i * size:(i + 1) * size]
+        if with_bias:
+            published[f"{ATTENTION_PREFIX}{projection}.bias"] = qkv.bias[i * size:(i + 1) * size]
+    loaded = dict(padded_attention_tensors(published.items(), num_heads, head_dim, padded_head_dim))
+    return (torch.cat([loaded[f"{ATTENTION_PREFIX}{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]),
+            torch.cat([loaded[f"{ATTENTION_PREFIX}{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")]),
+            loaded[f"{ATTENTION_PREFIX}o_proj.weight"])
+
+
 def stand_in_attention(num_heads: int, head_dim: int, padded_head_dim: int) -> SimpleNamespace:
+    """ViSpecAttention's forward over plain torch layers: the published projections (`weights`)
+    laid out for the padded heads as the draft's loader lays them out."""
     torch.manual_seed(3)
     size = num_heads * head_dim
     qkv, o_proj = nn.Linear(HIDDEN, 3 * size), nn.Linear(size, HIDDEN, bias=False)
+    qkv_weight, qkv_bias, o_weight = padded_projections(qkv, o_proj, num_heads, head_dim, padded_head_dim)
 
     def causal_attention(q, k, v):  # what vLLM's Attention computes for one prefill, unmasked
         rows = q.shape[0]
-        q, k, v = (t.view(rows, num_heads, padded_head_dim).transpose(0, 1) for t in (q, k, v))
+        q, k, v = (t.reshape(rows, num_heads, padded_head_dim).transpose(0, 1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5)
         return out.transpose(0, 1).reshape(rows, -1)
 
     attention = SimpleNamespace(
-        qkv_proj=lambda x: (qkv(x), None), o_proj=lambda x: (o_proj(x), None),
+        qkv_proj=lambda x: (F.linear(x, qkv_weight, qkv_bias), None), o_proj=lambda x: (F.linear(x, o_weight), None),
         rotary_emb=lambda positions, q, k: (q, k), attn=causal_attention, num_local_heads=num_heads,
         head_dim=head_dim, padded_head_dim=padded_head_dim, weights=(qkv, o_proj))
     attention.padded_heads = MethodType(ViSpecAttention.padded_heads, attention)
     return attention
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_padded_projections_hold_the_published_ones_and_the_query_mask_channel(with_bias):
+    num_heads, head_dim, padded = 2, 8, 16
+    qkv, o_proj = nn.Linear(HIDDEN, 3 * num_heads * head_dim), nn.Linear(num_heads * head_dim, HIDDEN, bias=False)
+    weight, bias, output = padded_projections(qkv, o_proj, num_heads, head_dim, padded, with_bias)
+    x = torch.randn(5, HIDDEN)
+    heads = F.linear(x, weight, bias).view(5, 3, num_heads, padded)
+    published = F.linear(x, qkv.weight, qkv.bias if with_bias else None).view(5, 3, num_heads, head_dim)
+    torch.testing.assert_close(heads[..., :head_dim], published, rtol=1e-6, atol=1e-6)
+    assert torch.equal(heads[:, 0, :, head_dim], torch.ones(5, num_heads))  # every query's mask channel
+    assert not heads[:, 1:, :, head_dim].any() and not heads[..., head_dim + 1:].any()
+    out = torch.randn(5, num_heads, padded)
+    torch.testing.assert_close(F.linear(out.view(5, -1), output), o_proj(out[..., :head_dim].reshape(5, -1)),
+                               rtol=1e-6, atol=1e-6)
+    # Only layer 0's attention projections change; the adaptor's projections of the same names do not.
+    other = [("imadpt.q_proj.weight", torch.randn(8, 8)), ("layers.0.mlp.down_proj.weight", torch.randn(4, 4))]
+    assert [(name, t.shape) for name, t in padded_attention_tensors(other, num_heads, head_dim, padded)
+            if not name.startswith(ATTENTION_PREFIX)] == [(name, t.shape) for name, t in other]
 
 
 @torch.no_grad()
@@ -214,17 +285,18 @@ def test_dropped_rows_get_zero_attention_weight():
     rows = 9
     dropped = torch.zeros(rows, dtype=torch.bool)
     dropped[[1, 2, 3, 6]] = True
-    q, k = torch.randn(rows, num_heads * head_dim), torch.randn(rows, num_heads * head_dim)
-    padded_q, padded_k, _ = (t.view(rows, num_heads, padded).transpose(0, 1)
-                             for t in attention.padded_heads(torch.cat((q, k, torch.zeros_like(q)), 1), dropped))
+    x = torch.randn(rows, HIDDEN)
+    padded_q, padded_k, _ = (t.reshape(rows, num_heads, padded).transpose(0, 1)
+                             for t in attention.padded_heads(attention.qkv_proj(x)[0], dropped))
     causal = torch.ones(rows, rows, dtype=torch.bool).tril()
     weights = ((padded_q @ padded_k.transpose(-1, -2)) * head_dim**-0.5).masked_fill(~causal, float("-inf")).softmax(-1)
 
     assert torch.equal(weights[..., dropped], torch.zeros_like(weights[..., dropped]))
-    plain_q, plain_k = (t.view(rows, num_heads, head_dim).transpose(0, 1) for t in (q, k))
+    q, k, _ = attention.weights[0](x).split(num_heads * head_dim, -1)
+    plain_q, plain_k = (t.reshape(rows, num_heads, head_dim).transpose(0, 1) for t in (q, k))
     kept_scores = ((plain_q @ plain_k.transpose(-1, -2)) * head_dim**-0.5).masked_fill(~causal | dropped[None, :],
                                                                                       float("-inf"))
-    torch.testing.assert_close(weights[..., ~dropped], kept_scores.softmax(-1)[..., ~dropped], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(weights[..., ~dropped], kept_scores.softmax(-1)[..., ~dropped], rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()

@@ -211,7 +211,8 @@ def served_first_pass(draft_dir: Path, record: dict[str, torch.Tensor]) -> tuple
         model=ServedBody(weights), hidden_size=HIDDEN, imadpt=imadpt, num_q=vispec.num_q,
         keep_image_rows=vispec.keep_image_rows, global_image_projection=torch.zeros(HIDDEN, HIDDEN),
         global_image_term=torch.zeros(rows, HIDDEN), compressed_token=torch.zeros(rows, HIDDEN),
-        is_compressed_row=torch.zeros(rows, dtype=torch.bool), is_dropped_row=torch.zeros(rows, dtype=torch.bool))
+        is_compressed_row=torch.zeros(rows, dtype=torch.bool), is_dropped_row=torch.zeros(rows, dtype=torch.bool),
+        flagged_rows=0)
     for method in ("fold_img_fc", "compress_image", "set_planned_rows"):
         setattr(draft, method, MethodType(getattr(ViSpecDraftModel, method), draft))
     draft.fold_img_fc()
@@ -223,8 +224,8 @@ def served_first_pass(draft_dir: Path, record: dict[str, torch.Tensor]) -> tuple
     global_image_terms, compressed_tokens = image_tables(
         [CompressedImage(tokens, term) for tokens, term in compressed], vispec.num_q - 1, HIDDEN, torch.float32,
         torch.device("cpu"))
-    draft.set_planned_rows(global_image_terms, plan.global_feature_source, compressed_tokens, plan.compressed_index,
-                           plan.is_dropped)
+    draft.set_planned_rows(global_image_terms, plan.global_feature_source % len(global_image_terms), compressed_tokens,
+                           plan.compressed_index % len(compressed_tokens), plan.compressed_index >= 0, plan.is_dropped)
     (layer_input, dropped), _ = ViSpecDraftModel.forward(draft, record["input_ids"][1:], torch.arange(rows),
                                                          record["hidden_states"][:rows])
     return layer_input, dropped
