@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -85,69 +86,17 @@ def eager_draft_forced() -> bool:
     return os.environ.get(EAGER_DRAFT_ENV, "0") == "1"
 
 
-# Layer 0's attention tensors under their published names (before the loader maps them).
-ATTENTION_PREFIX = "layers.0.self_attn."
-QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-
-
-def padded_attention_tensors(weights: Iterable[tuple[str, torch.Tensor]], num_heads: int, head_dim: int,
-                             padded_head_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Published tensors with layer 0's attention projections laid out for heads of
-    `padded_head_dim` (see `ViSpecAttention`), every other tensor as it is. Each head's first
-    head_dim channels are the published ones and its padding channels zero, in q, k and v and in
-    the output projection's input; the q bias holds 1 in each head's mask channel (channel
-    head_dim), so every query carries the mask channel. A checkpoint without q/k/v biases gets
-    biases that are zero but for that 1."""
-    def padded(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        shape = list(tensor.shape)
-        heads = tensor.unflatten(dim, (num_heads, head_dim))
-        out = heads.new_zeros(*heads.shape[:dim + 1], padded_head_dim, *heads.shape[dim + 2:])
-        out.narrow(dim + 1, 0, head_dim).copy_(heads)
-        shape[dim] = num_heads * padded_head_dim
-        return out.reshape(shape)
-
-    def query_mask(bias: torch.Tensor) -> torch.Tensor:
-        bias.view(num_heads, padded_head_dim)[:, head_dim] = 1.0
-        return bias
-
-    biases: dict[str, torch.Tensor] = {}
-    dtype = torch.float32
-    for name, tensor in weights:
-        projection, _, kind = name.removeprefix(ATTENTION_PREFIX).partition(".")
-        if not name.startswith(ATTENTION_PREFIX):
-            yield name, tensor
-        elif projection in QKV_PROJECTIONS and kind == "bias":
-            biases[projection] = padded(tensor, 0)
-        elif projection in (*QKV_PROJECTIONS, "o_proj") and kind == "weight":
-            dtype = tensor.dtype
-            yield name, padded(tensor, 1 if projection == "o_proj" else 0)
-        else:
-            yield name, tensor
-    for projection in QKV_PROJECTIONS:
-        bias = biases.get(projection)
-        if bias is None:
-            bias = torch.zeros(num_heads * padded_head_dim, dtype=dtype)
-        yield f"{ATTENTION_PREFIX}{projection}.bias", query_mask(bias) if projection == "q_proj" else bias
-
-
 class ViSpecAttention(nn.Module):
-    """Multi-head attention whose keys carry a mask channel (see the module docstring).
-
-    The heads run padded to the attention's head size, and the projections are loaded laid out
-    for the padded heads (`padded_attention_tensors`): the q/k/v projection gives padded heads
-    with every query's mask channel already 1, and the output projection reads them directly.
-    Masking then costs one op more than an unmasked layer (the dropped rows' key mask), where
-    padding, filling and slicing the heads took four (each op's host cost shows on a small draft)."""
+    """Multi-head attention whose keys carry a mask channel (see the module docstring)."""
 
     def __init__(self, vllm_config: VllmConfig, config, vispec: ViSpecDraftConfig, prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = vispec.head_dim
         self.padded_head_dim = vispec.masked_head_size  # head_dim channels, the mask channel, padding
-        # Biased whatever the checkpoint: the q bias carries the query's mask channel.
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.padded_head_dim, self.num_heads, self.num_heads,
-                                          bias=True, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(self.num_heads * self.padded_head_dim, config.hidden_size, bias=False,
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_heads,
+                                          bias=vispec.qkv_bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False,
                                         prefix=f"{prefix}.o_proj")
         self.num_local_heads = self.qkv_proj.num_heads
         rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
@@ -165,11 +114,14 @@ class ViSpecAttention(nn.Module):
 
     def padded_heads(self, qkv: torch.Tensor, is_dropped_row: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k and v of the padded projection's output `qkv` ([rows, 3 x heads x padded]), with the
-        mask channel of a dropped row's key set to -KEY_MASK_VALUE (the projection leaves it 0;
-        every query holds 1 there)."""
+        """q, k and v of `qkv` ([rows, 3 x heads x head_dim]) as heads padded to the attention's head
+        size, made in one op: channel head_dim is the mask channel (1 in every query,
+        -KEY_MASK_VALUE in a dropped row's key, 0 elsewhere), the rest zero. Few ops, because on a
+        small draft each op's host cost shows."""
         rows = qkv.shape[0]
-        padded = qkv.view(rows, 3, self.num_local_heads, self.padded_head_dim)
+        padded = F.pad(qkv.view(rows, 3, self.num_local_heads, self.head_dim),
+                       (0, self.padded_head_dim - self.head_dim))
+        padded[:, 0, :, self.head_dim] = 1.0
         padded[:, 1, :, self.head_dim].masked_fill_(is_dropped_row[:, None], -KEY_MASK_VALUE)
         q, k, v = padded.view(rows, 3, -1).unbind(1)
         return q, k, v
@@ -179,8 +131,9 @@ class ViSpecAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = self.padded_heads(qkv, is_dropped_row)
         q, k = self.rotary_emb(positions, q, k)
-        # The output projection gives the padding channels zero weight.
-        output, _ = self.o_proj(self.attn(q, k, v))
+        rows = q.shape[0]
+        out = self.attn(q, k, v).view(rows, self.num_local_heads, self.padded_head_dim)[..., : self.head_dim]
+        output, _ = self.o_proj(out.reshape(rows, -1))
         return output
 
 
@@ -356,9 +309,6 @@ class ViSpecDraftModel(nn.Module, SupportsEagle):
         tensors the checkpoint validator reported as unused are dropped by name."""
         skip_unused = WeightsMapper(orig_to_new_regex={re.compile(f"^{re.escape(name)}$"): None
                                                        for name in self.vispec_config.ignored_weights})
-        vispec = self.vispec_config
-        weights = padded_attention_tensors(weights, self.config.num_attention_heads, vispec.head_dim,
-                                           vispec.masked_head_size)
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=skip_unused | self.hf_to_vllm_mapper)
         self.fold_img_fc()
         for name in loaded:

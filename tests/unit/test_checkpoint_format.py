@@ -42,7 +42,7 @@ from vispec_vllm.checkpoint_format import (
     weight_layout,
 )
 from vispec_vllm.demo.models import DEMO_DRAFTS, DEMO_TARGET
-from vispec_vllm.draft_model import ViSpecDraftModel, padded_attention_tensors
+from vispec_vllm.draft_model import ViSpecDraftModel
 from vispec_vllm.factory.tiny_models import write_tiny_models, write_vispec_draft
 
 TINY_TARGETS = ("tiny-llava", "tiny-llava-next", "tiny-qwen2_5_vl")
@@ -215,15 +215,13 @@ EXPECTED_MAPPING = {
 
 def vllm_module_parameters(qkv_bias: bool, has_bias: bool) -> set[str]:
     """The parameters of the vLLM draft module (vispec_vllm/draft_model.py) for these dims."""
-    # Layer 0's q/k/v projection is biased whatever the checkpoint (the query's mask channel).
     params = {"model.embed_tokens.weight", "model.fc.weight", "model.img_fc.weight",
-              "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.qkv_proj.bias",
-              "model.layers.0.self_attn.o_proj.weight",
+              "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight",
               "model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight",
               "model.layers.0.post_attention_layernorm.weight",
               "imadpt.q", "imadpt.k_proj.weight", "imadpt.v_proj.weight", "imadpt.o_proj.weight"}
     if qkv_bias:
-        params |= {"imadpt.k_proj.bias", "imadpt.v_proj.bias"}
+        params |= {"model.layers.0.self_attn.qkv_proj.bias", "imadpt.k_proj.bias", "imadpt.v_proj.bias"}
     if has_bias:
         params |= {"model.fc.bias", "model.img_fc.bias"}
     return params
@@ -239,12 +237,8 @@ def module_parameter_of(name: str) -> tuple[str, str | int | None]:
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_every_published_name_lands_on_a_module_parameter(qkv_bias, has_bias):
     dims = DraftDims(128, 4, 32, 256, 512, qkv_bias, has_bias=has_bias)
-    # What the draft's loader hands vLLM's: the published tensors, layer 0's q/k/v biases always.
-    published = ((name, torch.zeros(shape)) for name, shape in published_shapes(dims).items())
-    names = [name for name, _ in padded_attention_tensors(published, dims.num_heads, dims.head_dim, 64)]
-    assert set(names) >= set(published_shapes(dims))
-    mapped = {name: module_parameter_of(name) for name in names}
-    assert mapped == {name: EXPECTED_MAPPING[name] for name in names}
+    mapped = {name: module_parameter_of(name) for name in published_shapes(dims)}
+    assert mapped == {name: EXPECTED_MAPPING[name] for name in published_shapes(dims)}
     # Onto: every module parameter is loaded, each fused one from all of its shards.
     assert {param for param, _ in mapped.values()} == vllm_module_parameters(qkv_bias, has_bias)
     shards: dict[str, set] = {}
