@@ -184,10 +184,11 @@ class ViSpecProposer(EagleProposer):
         # Requests that are not planned bring no image, so the plan gives their rows no image (-1).
         plan = plan_rows(images, draft.num_q, query_start, window_start, keep_image_rows=draft.keep_image_rows)
         g_table, token_table = self._image_tables(images, plan.referenced_images)
-        # One table of every g a row may fuse: the requests' decode g, then the images' g and the
-        # zero that index -1 picks. A planned request's row fuses what the plan says (an image's g,
-        # or zero); any other row its request's decode g. Row indices and flags are worked out on
-        # the host and reach the device in one copy.
+        # One table of every g a row may fuse: the requests' decode g, then the images' g and a
+        # zero last row. A planned request's row fuses what the plan says (an image's g, or zero);
+        # any other row its request's decode g. Table rows and flags are worked out on the host
+        # (the plan's -1, no image, is each table's zero last row: -1 % n = n - 1) and reach the
+        # device in one copy.
         terms = torch.cat((state.decode_global_image_term[:num_reqs], g_table))
         row_request = np.repeat(np.arange(num_reqs), np.diff(query_start))
         is_planned = np.zeros(num_reqs, dtype=bool)
