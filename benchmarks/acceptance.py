@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import RESULTS, TEXT_PROMPTS, images_in, machine_description, measure_acceptance, pyplot, write_report
+from common import RESULTS, TEXT_PROMPTS, machine_description, measure_acceptance, pyplot, write_report
 
 
 def plot(report: dict, path: Path) -> None:
@@ -74,14 +74,13 @@ def main() -> None:
                "text": [[{"role": "user", "content": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}]
                         for i in range(args.num_requests)]}
     prompts = {kind: prompts[kind] for kind in args.prompt_kinds}
-    max_images = max([1, *map(images_in, prompts.get("image", []))])  # text prompts only: 1
     report = {"machine": machine_description(), "target": target.name, "image_tokens": args.image_tokens,
               "max_tokens": args.max_tokens, "drafts": {name: Path(draft).name for name, draft in drafts.items()},
               "runs": []}
     for name, draft in drafts.items():
         for k in args.ks:
             measured = measure_acceptance(target, Path(draft), "eagle" if name == "eagle" else None, k, prompts,
-                                          args.max_tokens, max_images)
+                                          args.max_tokens)
             for kind, value in measured.items():
                 report["runs"].append({"draft": name, "k": k, "prompts": kind, "mean_acceptance_length": value,
                                        "num_requests": args.num_requests})

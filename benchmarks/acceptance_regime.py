@@ -223,8 +223,7 @@ def main() -> None:
             # The rest, the ablations eagle-drop and vispec-keep included, are ViSpec checkpoints.
             method = "eagle" if kind in EAGLE_LAYOUT_KINDS else None
             mean, per_position = measure_acceptance_by_position(
-                target, draft_dir(work, seed, kind), method, k, prompts, budget_for(recipe).max_tokens,
-                max(images_per_prompt))["image"]
+                target, draft_dir(work, seed, kind), method, k, prompts, budget_for(recipe).max_tokens)["image"]
             done[key] = {"target": name, "image_tokens": recipe.num_image_tokens, "draft": kind, "seed": seed, "k": k,
                          "prompts": "image", "mean_acceptance_length": mean, "per_position": per_position,
                          "num_requests": args.num_requests}

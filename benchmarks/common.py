@@ -84,6 +84,11 @@ def images_in(conversation: list[dict]) -> int:
                if isinstance(message["content"], list) for part in message["content"])
 
 
+def image_limit(conversations: Iterable[list[dict]]) -> int:
+    """vLLM's `limit_mm_per_prompt` image count for these chat prompts: the most any carries, at least 1."""
+    return max([1, *map(images_in, conversations)])
+
+
 # --------------------------------------------------------------------------------------------
 # Servers
 
@@ -114,7 +119,7 @@ def spec_decode_counters(llm) -> tuple[float, float, list[float]]:
 
 
 def measure_acceptance_by_position(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list],
-                                   max_tokens: int, max_images: int = 1) -> dict[str, tuple[float, list[float]]]:
+                                   max_tokens: int) -> dict[str, tuple[float, list[float]]]:
     """For each kind of `prompts`: vLLM's mean acceptance length (1 + accepted/drafts) of `draft` at
     K=`k`, and the acceptance rate at each speculative position 1..K (accepted at the position /
     drafts), from vLLM's per-position counters; greedy, float32, in-process; the caller sets the
@@ -122,8 +127,9 @@ def measure_acceptance_by_position(target: Path, draft: Path, method: str | None
     from vllm import LLM, SamplingParams
 
     spec = {"model": str(draft), "num_speculative_tokens": k, **({"method": method} if method else {})}
+    images = image_limit(conversation for conversations in prompts.values() for conversation in conversations)
     llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
-              distributed_executor_backend="uni", limit_mm_per_prompt={"image": max_images}, block_size=32,
+              distributed_executor_backend="uni", limit_mm_per_prompt={"image": images}, block_size=32,
               disable_log_stats=False, speculative_config=spec)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     result = {}
@@ -144,11 +150,11 @@ def measure_acceptance_by_position(target: Path, draft: Path, method: str | None
 
 
 def measure_acceptance(target: Path, draft: Path, method: str | None, k: int, prompts: dict[str, list],
-                       max_tokens: int, max_images: int = 1) -> dict[str, float]:
+                       max_tokens: int) -> dict[str, float]:
     """vLLM's mean acceptance length (1 + accepted/drafts) of `draft` at K=`k` for each kind of
     `prompts`, greedy, float32, in-process; the caller sets the in-process environment."""
     return {kind: mean for kind, (mean, _) in measure_acceptance_by_position(
-        target, draft, method, k, prompts, max_tokens, max_images).items()}
+        target, draft, method, k, prompts, max_tokens).items()}
 
 
 # --------------------------------------------------------------------------------------------

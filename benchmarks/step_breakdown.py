@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, images_in, machine_description, scene_module, spread, write_json
+from common import RESULTS, image_limit, machine_description, scene_module, spread, write_json
 
 # (class path, method, label): the phases timed, outermost first.
 TIMED = (
@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace, setup: str) -> dict:
     held_out = scene_prompts(held_out=True, scenes=scene_module(args.image_tokens))
     prompts = [held_out(i) for i in range(args.warmup_requests + args.num_requests)]
     llm = LLM(model=str(args.target), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
-              distributed_executor_backend="uni", limit_mm_per_prompt={"image": max([1, *map(images_in, prompts)])},
+              distributed_executor_backend="uni", limit_mm_per_prompt={"image": image_limit(prompts)},
               speculative_config=spec)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     for prompt in prompts[: args.warmup_requests]:
