@@ -235,7 +235,9 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers_running:
         tmp = Path(tmp)
-        servers = start_servers(servers_running, servers_to_start, args.target, tmp)
+        log_dir = args.server_logs or tmp
+        log_dir.mkdir(parents=True, exist_ok=True)
+        servers = start_servers(servers_running, servers_to_start, args.target, log_dir)
         print(f"{len(servers)} servers up after {time.monotonic() - started:.0f} s", flush=True)
         warmup = write_dataset(tmp / "warmup.jsonl", tmp / "images", next_scenes(args.warmup_prompts),
                                args.image_tokens)
@@ -422,6 +424,8 @@ def main() -> None:
                         help=f"one quick setting for tests: {', '.join(f'{k}={v}' for k, v in SMOKE.items())}")
     parser.add_argument("--estimate-only", action="store_true", help="print the estimated duration and exit")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_concurrency.json")
+    parser.add_argument("--server-logs", type=Path,
+                        help="keep each server's log here (<set-up>.log; default: a temporary folder)")
     args = parser.parse_args()
     if args.smoke:
         vars(args).update(SMOKE)

@@ -182,9 +182,14 @@ class AdaptiveSchedule:
 # tau being the measured mean acceptance length. Until a bucket has measured two K's, the engine
 # keeps the K of the nearest bucket that has, or while none has the start-up table's K (the cost
 # model's; without a table, its prediction scaled by the bucket's measured error decides). Now and
-# then a neighbouring
-# K (and K = 0, no speculation) is tried for a few steps, so that every estimate stays current;
-# the interval between such probes doubles while they confirm the choice.
+# then a neighbouring K (and K = 0, no speculation) is tried for a few steps, so that every
+# estimate stays current; the interval between such probes doubles while they confirm the choice.
+# A probe costs what its K loses against the K in force, so a measured K that the fit puts far
+# behind is probed seldom: at most PROBE_STEPS steps per PROBE_STEPS * regret / PROBE_LOSS_BUDGET
+# steps of its bucket (regret: the share of tokens/s it loses), which caps what probing it costs
+# at PROBE_LOSS_BUDGET. In the
+# deep demo pair's server at concurrency 4, K = 0 ran at under half K = 5's tokens/s, and probing
+# it every 64-512 steps took 19 of 961 steps (about 1% of tokens/s).
 
 MIN_STEADY_SAMPLES = 4  # steady steps at (bucket, K) before that K counts as measured
 STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / STEP_TIME_WEIGHT samples
@@ -199,6 +204,8 @@ MAX_PAUSES_IN_A_ROW = 32
 PROBE_STEPS = 8  # steps of one probe; its first is a transition (verifies the previous K's drafts)
 FIRST_PROBE_INTERVAL = 64  # steps in a bucket between probes; doubles up to MAX_PROBE_INTERVAL
 MAX_PROBE_INTERVAL = 512
+PROBE_LOSS_BUDGET = 0.005  # share of tokens/s that probing one far-behind K may cost
+MAX_REGRET_INTERVAL = 4 * MAX_PROBE_INTERVAL  # even the furthest-behind K is probed this often
 SWITCH_MARGIN = 0.01  # a new K must promise this much more tokens/s than the K in force
 REFIT_EVERY = 8  # new steady samples in a bucket before its K is chosen again
 
@@ -308,6 +315,16 @@ class _BucketProbes:
     probe_steps_left: int = 0
     best_before_probe: int | None = None
     turn: int = 0  # cycles the probed K through the candidates
+    steps: int = 0  # steps scheduled in the bucket
+    probed_at: dict[int, int] = field(default_factory=dict)  # K -> `steps` when its last probe began
+
+    def due(self, k: int, regret: float | None) -> bool:
+        """Whether K may be probed now: at once while unmeasured (regret None), else once the
+        steps since its last probe (or since the bucket began) pay for what a probe of it loses."""
+        if regret is None:
+            return True
+        wait = min(PROBE_STEPS * max(regret, 0.0) / PROBE_LOSS_BUDGET, MAX_REGRET_INTERVAL)
+        return self.steps - self.probed_at.get(k, 0) >= wait
 
 
 @dataclass
@@ -331,6 +348,8 @@ class OnlineSchedule:
     # Buckets with two K's measured. Samples only grow, so a bucket never leaves this set; kept so
     # that a bucket still learning does not re-derive every bucket's measurements on each step.
     measured_buckets: set[int] = field(default_factory=set)
+    # Per learned bucket: expected tokens/s at K = 0..max_k when its K was last chosen.
+    expected_rates: dict[int, list[float]] = field(default_factory=dict)
 
     def record_step(self, batch: int, k: int, seconds: float) -> None:
         self.times.observe(batch, k, seconds)
@@ -391,15 +410,27 @@ class OnlineSchedule:
                 return current
         self.chosen_at[bucket] = (samples, acceptance)
         rates = self.times.tokens_per_second(batch, self.max_k, acceptance, self.predicted)
+        self.expected_rates[bucket] = rates
         best = max(range(self.max_k + 1), key=lambda k: (rates[k], -k))
         if current is not None and rates[best] <= (1 + SWITCH_MARGIN) * rates[current]:
             best = current
         self.chosen[bucket] = best
         return best
 
+    def regret(self, bucket: int, k: int, best: int) -> float | None:
+        """The share of tokens/s K loses against `best` in a learned bucket, by its last fit; None
+        where K is not measured there (or the bucket has not learned)."""
+        rates = self.expected_rates.get(bucket)
+        if rates is None or not self.learned(bucket) or (bucket, k) not in self.times.samples \
+                or self.times.samples[(bucket, k)] < MIN_STEADY_SAMPLES:
+            return None
+        return 1.0 - rates[k] / rates[best]
+
     def step_k(self, batch: int, acceptance: AcceptanceCurve, default_k: int | None = None) -> int:
         """K for the next step at this batch size: the best (see best_k), or a probe's K while one runs."""
-        probes = self.probes.setdefault(batch_bucket(batch), _BucketProbes())
+        bucket = batch_bucket(batch)
+        probes = self.probes.setdefault(bucket, _BucketProbes())
+        probes.steps += 1
         best = self.best_k(batch, acceptance, default_k)
         if probes.probe_steps_left:
             probes.probe_steps_left -= 1
@@ -412,10 +443,12 @@ class OnlineSchedule:
         if probes.steps_until_probe > 0:
             return best
         candidates = sorted({k for k in (best - 1, best + 1, 0) if 0 <= k <= self.max_k and k != best})
+        candidates = [k for k in candidates if probes.due(k, self.regret(bucket, k, best))]
         if not candidates:
             probes.steps_until_probe = probes.interval
             return best
         probes.probe_k = candidates[probes.turn % len(candidates)]
+        probes.probed_at[probes.probe_k] = probes.steps
         probes.turn += 1
         probes.best_before_probe = best
         probes.probe_steps_left = PROBE_STEPS - 1

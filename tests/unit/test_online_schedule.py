@@ -12,6 +12,7 @@ from vispec_vllm.cost_model import AcceptanceCurve
 from vispec_vllm.speculation_schedule import (
     MAX_PAUSES_IN_A_ROW,
     MIN_STEADY_SAMPLES,
+    PROBE_LOSS_BUDGET,
     PROBE_STEPS,
     MeasuredStepTimes,
     OnlineSchedule,
@@ -112,6 +113,29 @@ def test_probes_back_off_while_they_confirm_the_choice():
     ks = [schedule.step_k(1, ACCEPTANCE) for _ in range(200)]
     best = schedule.best_k(1, ACCEPTANCE)
     assert sum(k != best for k in ks) <= PROBE_STEPS  # at most one probe in 200 steps now
+
+
+def test_a_far_behind_k_is_probed_no_more_than_its_losses_allow():
+    """No speculation at batch 1 on a deep target runs at under half the best K's tokens/s: once
+    measured, it is probed only as often as PROBE_LOSS_BUDGET pays for."""
+    schedule = OnlineSchedule(MAX_K, drafting_pays_everywhere)
+    batch = 1
+    fixed = {k: tokens_per_second(drafting_pays_everywhere, batch, k) for k in range(MAX_K + 1)}
+    best = max(fixed, key=fixed.get)
+    regret = 1 - fixed[0] / fixed[best]
+    assert regret > 0.5
+    previous_k, probe_starts = None, {k: [] for k in range(MAX_K + 1)}
+    for step in range(8000):
+        k = schedule.step_k(batch, ACCEPTANCE)
+        if k == previous_k:
+            schedule.record_step(batch, k, drafting_pays_everywhere(batch, k))
+        elif k != best:
+            probe_starts[k].append(step)
+        previous_k = k
+    assert schedule.best_k(batch, ACCEPTANCE) == best
+    no_speculation = probe_starts[0]  # the first measures it; the rest wait for their regret
+    gaps = [b - a for a, b in zip(no_speculation, no_speculation[1:], strict=False)]
+    assert no_speculation and min(gaps, default=8000) >= 0.9 * PROBE_STEPS * regret / PROBE_LOSS_BUDGET, gaps
 
 
 def test_one_measured_k_scales_the_prediction():
