@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +54,7 @@ from common import (
     pyplot,
     spread_fields,
     start_servers,
+    write_json,
     write_report,
     write_scene_images,
 )
@@ -216,13 +218,15 @@ def speculation_setups(vispec: Path, eagle: str, adaptive_k: int, fixed_ks: list
 
 
 def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[list[str], dict[str, str]]],
-                    started: float) -> dict[tuple[str, int], list[dict]]:
+                    started: float, after_repeat: Callable[[dict, int], None] | None = None
+                    ) -> dict[tuple[str, int], list[dict]]:
     """Start the servers (name -> (serve arguments, environment)) side by side on `args.target`, give
     each a warm-up run, then run `args.repeats` repeats in which every server runs once at each of
     `args.concurrency`, in an order rotated from repeat to repeat, on held-out scenes new to every
     repeat and the same for every server within it. Returns (name, concurrency) -> `bench` results,
     one per repeat. Reads args.target, image_tokens, seed, warmup_prompts, concurrency,
-    prompts_per_concurrency, min_prompts, output_len and repeats."""
+    prompts_per_concurrency, min_prompts, output_len and repeats, and server_logs where it has one.
+    `after_repeat(results so far, repeats done)` runs after each repeat."""
     runs = list(servers_to_start)
     client = bench_client()
     scene_index = 0
@@ -235,7 +239,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers_running:
         tmp = Path(tmp)
-        log_dir = args.server_logs or tmp
+        log_dir = getattr(args, "server_logs", None) or tmp  # step_cost.py has no --server-logs
         log_dir.mkdir(parents=True, exist_ok=True)
         servers = start_servers(servers_running, servers_to_start, args.target, log_dir)
         print(f"{len(servers)} servers up after {time.monotonic() - started:.0f} s", flush=True)
@@ -257,6 +261,8 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
                           f"{result['output_throughput']:8.1f} tok/s, ITL p50 {result['median_itl_ms']:.1f} ms, "
                           f"engine batch {result['mean_running_requests'] or 0:.1f} "
                           f"({format_duration(time.monotonic() - started)} elapsed)", flush=True)
+            if after_repeat is not None:
+                after_repeat(results, repeat + 1)
     return results
 
 
@@ -460,20 +466,34 @@ def main() -> None:
                         "a running request, zeros included",
               "runs": []}
     started = time.monotonic()
+
+    def summarise(results: dict[tuple[str, int], list[dict]]) -> dict:
+        summary = dict(report, runs=[])
+        for name in runs:
+            setup = server_setups[name]
+            for concurrency in args.concurrency:
+                summary["runs"].append(summary_row(
+                    setup.mode, setup.adaptive, setup.k, concurrency,
+                    num_prompts(args.prompts_per_concurrency, concurrency, args.min_prompts),
+                    results[(name, concurrency)], results.get(("none", concurrency))))
+        # The schedule's goal: at least 0.95x the best fixed K (medians), and never below no speculation.
+        summary["schedule_against_fixed"] = schedule_against_fixed(summary["runs"])
+        summary["duration_s"] = round(time.monotonic() - started, 1)
+        return summary
+
+    partial = args.out.with_suffix(".partial.json")
+
+    def keep_repeats_done(results: dict[tuple[str, int], list[dict]], repeats_done: int) -> None:
+        """A long run killed part-way (a session's end, a timeout) keeps the repeats it finished."""
+        if repeats_done < args.repeats:
+            write_json(summarise(results) | {"repeats": repeats_done, "repeats_planned": args.repeats}, partial)
+
     results = run_interleaved(args, {name: (SERVER_ARGS + server_setups[name].serve_args, server_setups[name].env)
-                                     for name in runs}, started)
-    for name in runs:
-        setup = server_setups[name]
-        for concurrency in args.concurrency:
-            baseline = results.get(("none", concurrency))
-            report["runs"].append(summary_row(setup.mode, setup.adaptive, setup.k, concurrency,
-                                              num_prompts(args.prompts_per_concurrency, concurrency, args.min_prompts),
-                                              results[(name, concurrency)], baseline))
-    # The schedule's goal: at least 0.95x the best fixed K (medians), and never below no speculation.
-    report["schedule_against_fixed"] = schedule_against_fixed(report["runs"])
-    report["duration_s"] = round(time.monotonic() - started, 1)
+                                     for name in runs}, started, keep_repeats_done)
+    report = summarise(results)
     print(f"took {format_duration(report['duration_s'])} (estimated {format_duration(estimate)})")
     write_report(report, args.out, plot)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_serve_concurrency_benchmark_smoke(tiny_models, tmp_path):
     assert (vispec["ratio_to_none_min"], vispec["ratio_to_none_max"]) == pytest.approx((min(ratios), max(ratios)))
     assert none["ratio_to_none"] is None
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not out.with_suffix(".partial.json").exists()  # written after repeat 1, gone once complete
 
 
 @pytest.mark.engine
