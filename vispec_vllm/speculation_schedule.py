@@ -187,9 +187,8 @@ class AdaptiveSchedule:
 # A probe costs what its K loses against the K in force, so a measured K that the fit puts far
 # behind is probed seldom: at most PROBE_STEPS steps per PROBE_STEPS * regret / PROBE_LOSS_BUDGET
 # steps of its bucket (regret: the share of tokens/s it loses), which caps what probing it costs
-# at PROBE_LOSS_BUDGET. In the
-# deep demo pair's server at concurrency 4, K = 0 ran at under half K = 5's tokens/s, and probing
-# it every 64-512 steps took 19 of 961 steps (about 1% of tokens/s).
+# at PROBE_LOSS_BUDGET. In the deep demo pair's server at concurrency 4, K = 0 ran at under half
+# K = 5's tokens/s, and probing it every 64-512 steps took 19 of 961 steps (about 1% of tokens/s).
 
 MIN_STEADY_SAMPLES = 4  # steady steps at (bucket, K) before that K counts as measured
 STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / STEP_TIME_WEIGHT samples
@@ -421,8 +420,7 @@ class OnlineSchedule:
         """The share of tokens/s K loses against `best` in a learned bucket, by its last fit; None
         where K is not measured there (or the bucket has not learned)."""
         rates = self.expected_rates.get(bucket)
-        if rates is None or not self.learned(bucket) or (bucket, k) not in self.times.samples \
-                or self.times.samples[(bucket, k)] < MIN_STEADY_SAMPLES:
+        if rates is None or not self.learned(bucket) or k not in self.times.measured(bucket, self.max_k):
             return None
         return 1.0 - rates[k] / rates[best]
 
