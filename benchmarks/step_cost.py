@@ -37,8 +37,9 @@ How it measures:
   ViSpec median / EAGLE median (goal <= 1.05). Eager servers run with --enforce-eager; compiled
   ones without it (on CPU vLLM then compiles target and draft with Dynamo + Inductor).
 
-Writes benchmarks/results/step_cost.json: the machine, the command, and one row per part, mode
-(and dtype and row set, or concurrency).
+Writes benchmarks/results/step_cost.json: the machine, one row per part, mode (and dtype and row
+set, or concurrency), and each part's settings with the command that measured it. A run of one part
+replaces that part's rows in --out and keeps the other part's, so the two parts can be rerun apart.
 """
 
 from __future__ import annotations
@@ -342,6 +343,27 @@ def measure_itl(args: argparse.Namespace, modes: list[str]) -> list[dict]:
     return rows
 
 
+def keep_other_part(report: dict, previous_path: Path, part: str) -> dict:
+    """`report` of one part, with the other part's settings and rows carried over from the report
+    at `previous_path` (when there is one, of the same kind: smoke or not). `command` then names
+    every command that measured a row of the result."""
+    other = "itl" if part == "micro" else "micro"
+    if not previous_path.exists():
+        return report
+    previous = json.loads(previous_path.read_text())
+    if previous.get("smoke") != report["smoke"] or other not in previous:
+        return report
+    # Reports from before each part recorded its own command share the top-level one.
+    other_settings = {"command": previous["command"]} | previous[other]
+    merged = {key: value for key, value in report.items() if key != "rows"}
+    merged[other] = other_settings
+    merged["command"] = " ; ".join(dict.fromkeys((merged["micro"]["command"], merged["itl"]["command"])))
+    merged["rows"] = ([row for row in report["rows"] if row["part"] == "micro"]
+                      + [row for row in previous["rows"] if row["part"] == other]
+                      + [row for row in report["rows"] if row["part"] == "itl"])
+    return merged
+
+
 def main() -> None:
     from vispec_vllm.demo.models import DEMO_PAIRS
 
@@ -376,19 +398,23 @@ def main() -> None:
     args.vispec, args.eagle = drafts["vispec"], drafts["eagle"]
     widths, sets = (SMOKE_WIDTHS, SMOKE_ROW_SETS) if args.smoke else (LLAVA_1_5_7B, ROW_SETS)
 
-    report = {"machine": machine_description(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-              "num_speculative_tokens": K, "smoke": args.smoke, "rows": []}
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    report = {"machine": machine_description(), "command": command, "num_speculative_tokens": K,
+              "smoke": args.smoke, "rows": []}
     started = time.monotonic()
     if args.part in ("micro", "both"):
-        report["micro"] = {"widths": asdict(widths), "block_size": BLOCK_SIZE,
+        report["micro"] = {"command": command, "widths": asdict(widths), "block_size": BLOCK_SIZE,
                            "row_sets": [asdict(r) for r in sets]}
         report["rows"] += measure_forward(widths, sets, args.micro_modes or args.modes, args.dtypes, args.forwards)
     if args.part in ("itl", "both"):
-        report["itl"] = {"target": args.target.name, "vispec": args.vispec.name, "eagle": args.eagle.name,
-                         "output_len": args.output_len, "prompts_per_concurrency": args.prompts_per_concurrency,
+        report["itl"] = {"command": command, "target": args.target.name, "vispec": args.vispec.name,
+                         "eagle": args.eagle.name, "output_len": args.output_len,
+                         "prompts_per_concurrency": args.prompts_per_concurrency,
                          "warmup_prompts": args.warmup_prompts, "seed": args.seed}
         report["rows"] += measure_itl(args, args.modes)
     report["duration_s"] = round(time.monotonic() - started, 1)
+    if args.part != "both":
+        report = keep_other_part(report, args.out, args.part)
     write_json(report, args.out)
     print(f"wrote {args.out}")
 
