@@ -9,8 +9,13 @@ draft (make_spec_decoding_stats is called once per request with drafts, whether 
 logged): this wrapper feeds each one to the scheduler's `vispec_adaptive_schedule`
 (vispec_vllm/speculation_schedule.py) and, when that re-derives the table from the measured
 acceptance curve, swaps the scheduler's dense batch-size -> K lookup. And it times every step
-(the interval between two `schedule` calls): before each step, the lookup's entry for the running
-batch size is set to the K that the measured step times favour (`AdaptiveSchedule.step_k`).
+(the interval between two `schedule` calls): before each step, every entry of the lookup is set to
+the K that the measured step times favour at the running batch size (`AdaptiveSchedule.step_k`).
+Every entry, because vLLM looks the step's K up at the number of requests the step ends up
+scheduling, which differs from the running batch when requests join it: with only the running
+batch's entry set, a step that admitted a request drafted the K left in the next entry, the table's
+(K=3 on the deep demo pair, where the schedule drafts 5), and after each re-derivation of the table
+every entry but the running batch's held it again.
 On CUDA, vLLM sized its graph captures from the start-up table; a batch whose new K has no
 captured size runs that step without a graph.
 Guard: only schedulers whose draft config says `ViSpecDraftConfig.adaptive_schedule` (set by the
@@ -97,9 +102,11 @@ def _make_schedule(original_schedule):
             return original_schedule(self, *args, **kwargs)
         started = time.perf_counter()
         try:
-            batch = len(self.running)
-            if 0 < batch < len(self.dynamic_sd_lookup):
-                self.dynamic_sd_lookup[batch] = adaptive.step_k(batch)
+            lookup = self.dynamic_sd_lookup
+            # An idle engine's step schedules requests that are waiting, up to the lookup's bound.
+            batch = min(len(self.running) or len(self.waiting), len(lookup) - 1)
+            if batch > 0:
+                lookup[1:] = [adaptive.step_k(batch)] * (len(lookup) - 1)
         except Exception:
             logger.exception("vispec-vllm: step-time feedback failed; keeping the current schedule")
             self.vispec_adaptive_schedule = adaptive = None
