@@ -91,9 +91,10 @@ that defines the attribute, or the owner for one inherited from `object`), then 
   symbol     vllm.v1.core.sched.scheduler.Scheduler.make_spec_decoding_stats
   symbol     vllm.v1.core.sched.scheduler.Scheduler.schedule
   why        re-derive the batch-size -> K table from the measured acceptance curve; time each
-             step and set the running batch size's K from the measured step times
+             step and give it the K the measured step times favour at the running batch size (in
+             every entry of the lookup, which vLLM reads at the number of requests scheduled)
   relies on  Scheduler.dynamic_sd_lookup (a list indexed by batch size, read in schedule()),
-             .running, .num_spec_tokens, .scheduler_config; SchedulerOutput.num_scheduled_tokens,
+             .running, .waiting, .num_spec_tokens, .scheduler_config; SchedulerOutput.num_scheduled_tokens,
              .scheduled_new_reqs, .scheduled_spec_decode_tokens, .num_spec_tokens_to_schedule;
              v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup
   upstream   dynamic K by batch size is PR #32374 (merged; a fixed user table); RFC #48627 (open)
