@@ -7,8 +7,8 @@ process. Why: the schedule installed at start-up (patches/speculative_config.py)
 assumed acceptance rate and on the cost model's step times. The scheduler sees every verified
 draft (make_spec_decoding_stats is called once per request with drafts, whether or not stats are
 logged): this wrapper feeds each one to the scheduler's `vispec_adaptive_schedule`
-(vispec_vllm/speculation_schedule.py) and, when that re-derives the table from the measured
-acceptance curve, swaps the scheduler's dense batch-size -> K lookup. And it times every step
+(vispec_vllm/speculation_schedule.py), which now and then re-derives its cost-model table from
+the measured acceptance curve. And it times every step
 (the interval between two `schedule` calls): before each step, every entry of the lookup is set to
 the K that the measured step times favour at the running batch size (`AdaptiveSchedule.step_k`).
 Every entry, because vLLM looks the step's K up at the number of requests the step ends up
@@ -16,6 +16,8 @@ scheduling, which differs from the running batch when requests join it: with onl
 batch's entry set, a step that admitted a request drafted the K left in the next entry, the table's
 (K=3 on the deep demo pair, where the schedule drafts 5), and after each re-derivation of the table
 every entry but the running batch's held it again.
+Should the step-time feedback fail, the table as last derived is installed in the lookup and
+drafts every step from then on.
 On CUDA, vLLM sized its graph captures from the start-up table; a batch whose new K has no
 captured size runs that step without a graph.
 Guard: only schedulers whose draft config says `ViSpecDraftConfig.adaptive_schedule` (set by the
@@ -56,8 +58,6 @@ def _make_init(original_init):
 
 
 def _make_make_spec_decoding_stats(original_make_spec_decoding_stats):
-    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
-
     from vispec_vllm.speculation_schedule import describe
 
     def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
@@ -65,21 +65,19 @@ def _make_make_spec_decoding_stats(original_make_spec_decoding_stats):
         adaptive = getattr(self, "vispec_adaptive_schedule", None)
         if adaptive is not None and num_draft_tokens:
             try:
+                table_before = adaptive.schedule
                 schedule = adaptive.record(num_draft_tokens, num_accepted_tokens)
             except Exception:
                 # The schedule is an optimisation: a fault in it must not take the engine down.
                 logger.exception("vispec-vllm: acceptance feedback failed; keeping the current schedule")
                 self.vispec_adaptive_schedule = schedule = None
-            if schedule is not None:
-                lookup = build_dynamic_sd_schedule_lookup(schedule, self.scheduler_config.max_num_seqs,
-                                                          self.num_spec_tokens)
-                if lookup != self.dynamic_sd_lookup:
-                    self.dynamic_sd_lookup = lookup
-                    acceptance = adaptive.derived_from
-                    logger.info("vispec-vllm: measured mean acceptance length %s; draft tokens per running batch "
-                                "size now %s", ", ".join(f"K={k}: {acceptance(k):.2f}"
-                                                         for k in acceptance.mean_acceptance_length_by_k),
-                                describe(schedule))
+            # The next `schedule` call reads the re-derived table (through AdaptiveSchedule.step_k).
+            if schedule is not None and schedule != table_before:
+                acceptance = adaptive.derived_from
+                logger.info("vispec-vllm: measured mean acceptance length %s; draft tokens per running batch "
+                            "size now %s", ", ".join(f"K={k}: {acceptance(k):.2f}"
+                                                     for k in acceptance.mean_acceptance_length_by_k),
+                            describe(schedule))
         return original_make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                                                  num_invalid_spec_tokens, request_id)
 
@@ -94,6 +92,8 @@ def _decode_only(scheduler_output) -> bool:
 
 
 def _make_schedule(original_schedule):
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
     from vispec_vllm.speculation_schedule import ScheduledStep
 
     def schedule(self, *args, **kwargs):
@@ -108,7 +108,11 @@ def _make_schedule(original_schedule):
             if batch > 0:
                 lookup[1:] = [adaptive.step_k(batch)] * (len(lookup) - 1)
         except Exception:
-            logger.exception("vispec-vllm: step-time feedback failed; keeping the current schedule")
+            # Fall back to the cost model's table, as last derived, for the rest of the engine's life.
+            logger.exception("vispec-vllm: step-time feedback failed; drafting by the cost model's table from now on")
+            if adaptive.schedule:
+                self.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
+                    adaptive.schedule, len(self.dynamic_sd_lookup) - 1, self.num_spec_tokens)
             self.vispec_adaptive_schedule = adaptive = None
         output = original_schedule(self, *args, **kwargs)
         if adaptive is not None and output.num_scheduled_tokens:

@@ -189,9 +189,21 @@ class AdaptiveSchedule:
 # steps of its bucket (regret: the share of tokens/s it loses), which caps what probing it costs
 # at PROBE_LOSS_BUDGET. In the deep demo pair's server at concurrency 4, K = 0 ran at under half
 # K = 5's tokens/s, and probing it every 64-512 steps took 19 of 961 steps (about 1% of tokens/s).
+# The K's are timed at different times (the K in force every step, the others in probes), so
+# their means are kept relative to the K in force, whose steps gauge the machine's speed (see
+# MeasuredStepTimes): a slow spell of the whole machine changes no K's standing.
 
 MIN_STEADY_SAMPLES = 4  # steady steps at (bucket, K) before that K counts as measured
 STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / STEP_TIME_WEIGHT samples
+# A K's mean counts in the fit for half as many steps per STALE_HALF_LIFE steady steps timed in its
+# bucket since it was last timed: a K no probe visits any more (not a neighbour of the K in force,
+# not K = 0) fades from the fit instead of pulling it with a ratio measured under other conditions.
+STALE_HALF_LIFE = 512
+# When the gauge has moved by more than REPROBE_DRIFT since the last probe began, the next probe
+# comes within REPROBE_AFTER steps (the gauge's running mean has caught up by then) and the probe
+# interval starts again from FIRST_PROBE_INTERVAL.
+REPROBE_DRIFT = 0.1
+REPROBE_AFTER = 128
 # A served engine now and then takes a few steps tens of times longer than the rest (in the demo's
 # server: 9 steps that moved a 15 ms mean to 21 ms at once, and K with it, for hundreds of steps).
 # A steady step over PAUSE_FACTOR times its K's mean is such a pause, not a step time, and is left
@@ -238,32 +250,82 @@ def _least_squares(rows: list[list[float]], targets: list[float], weights: list[
 
 @dataclass
 class MeasuredStepTimes:
-    """Mean seconds of steady steps per (batch bucket, K), and the fit over K that smooths them."""
+    """Mean seconds of steady steps per (batch bucket, K), and the fit over K that smooths them.
 
-    seconds: dict[tuple[int, int], float] = field(default_factory=dict)
+    The machine's speed drifts while it serves (other work on the host, a slow spell), and a K is
+    timed only while it runs: the K in force every step, the others in probes minutes apart. Means
+    taken at different speeds do not compare (in the deep demo pair's server a slow spell raised
+    the batch-1 mean of the K in force from 27.8 to 37.1 ms, while the K's around it kept means
+    from before it, and the fit moved to a worse K and stayed there). So each bucket's speed is
+    gauged by one K, the K in force (`follow`): `gauge_seconds` is its running mean, and every
+    other K keeps its step time *relative* to the gauge when it was timed. A uniform change of
+    speed moves every K's estimate alike and changes no choice; a probe re-measures its K's ratio.
+    """
+
+    # Per (bucket, K): step seconds over the bucket's gauge seconds (1.0 for the gauging K).
+    relative: dict[tuple[int, int], float] = field(default_factory=dict)
     samples: dict[tuple[int, int], int] = field(default_factory=dict)
     pauses_in_a_row: dict[tuple[int, int], int] = field(default_factory=dict)
+    gauge_k: dict[int, int] = field(default_factory=dict)  # per bucket: the K whose steps gauge its speed
+    gauge_seconds: dict[int, float] = field(default_factory=dict)  # per bucket: that K's running mean
+    follow_k: dict[int, int] = field(default_factory=dict)  # per bucket: the K to gauge with once timed
+    timed_steps: dict[int, int] = field(default_factory=dict)  # per bucket: steady steps timed
+    last_timed: dict[tuple[int, int], int] = field(default_factory=dict)  # per (bucket, K): timed_steps then
+
+    def mean_seconds(self, bucket: int, k: int) -> float:
+        """K's step seconds at the bucket's current speed."""
+        return self.relative[(bucket, k)] * self.gauge_seconds[bucket]
+
+    def gauge(self, bucket: int) -> tuple[int, float] | None:
+        """The K gauging the bucket's speed and its mean step seconds, once a step there is timed."""
+        return (self.gauge_k[bucket], self.gauge_seconds[bucket]) if bucket in self.gauge_k else None
+
+    def follow(self, batch: int, k: int) -> None:
+        """Gauge the bucket's speed by K's steps from now on (from its first timed step if untimed)."""
+        bucket = batch_bucket(batch)
+        self.follow_k[bucket] = k
+        if (bucket, k) in self.relative and self.gauge_k[bucket] != k:
+            self._rebase(bucket, k)
+
+    def _rebase(self, bucket: int, k: int) -> None:
+        factor = self.relative[(bucket, k)]
+        self.gauge_seconds[bucket] *= factor
+        for key in self.relative:
+            if key[0] == bucket:
+                self.relative[key] /= factor
+        self.gauge_k[bucket] = k
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
-        key = (batch_bucket(batch), k)
+        bucket = batch_bucket(batch)
+        key = (bucket, k)
         count = self.samples.get(key, 0)
-        if count and seconds > PAUSE_FACTOR * self.seconds[key]:
+        if count and seconds > PAUSE_FACTOR * self.mean_seconds(bucket, k):
             self.pauses_in_a_row[key] = self.pauses_in_a_row.get(key, 0) + 1
             if self.pauses_in_a_row[key] <= MAX_PAUSES_IN_A_ROW:
                 return
             count = 0
         self.pauses_in_a_row[key] = 0
-        if count and seconds * PAUSE_FACTOR < self.seconds[key]:
+        if count and seconds * PAUSE_FACTOR < self.mean_seconds(bucket, k):
             count = 0
         # A plain mean for the first samples, then a running mean that follows drift.
-        weight = max(1.0 / (count + 1), STEP_TIME_WEIGHT)
-        self.seconds[key] = seconds if count == 0 else (1 - weight) * self.seconds[key] + weight * seconds
+        weight = 1.0 if count == 0 else max(1.0 / (count + 1), STEP_TIME_WEIGHT)
+        if bucket not in self.gauge_seconds:  # the bucket's first timed step: its K gauges for now
+            self.gauge_k[bucket], self.gauge_seconds[bucket] = k, seconds
+            self.relative[key] = 1.0
+        elif k == self.gauge_k[bucket]:
+            self.gauge_seconds[bucket] += weight * (seconds - self.gauge_seconds[bucket])
+        else:
+            ratio = seconds / self.gauge_seconds[bucket]
+            self.relative[key] = ratio if count == 0 else self.relative[key] + weight * (ratio - self.relative[key])
         self.samples[key] = count + 1
+        self.timed_steps[bucket] = self.last_timed[key] = self.timed_steps.get(bucket, 0) + 1
+        if self.follow_k.get(bucket) == k != self.gauge_k[bucket]:
+            self._rebase(bucket, k)
 
     def measured(self, batch: int, max_k: int) -> dict[int, tuple[float, int]]:
         """K -> (mean seconds, samples) for the K's of this batch's bucket measured enough."""
         bucket = batch_bucket(batch)
-        return {k: (self.seconds[(bucket, k)], self.samples[(bucket, k)]) for k in range(max_k + 1)
+        return {k: (self.mean_seconds(bucket, k), self.samples[(bucket, k)]) for k in range(max_k + 1)
                 if self.samples.get((bucket, k), 0) >= MIN_STEADY_SAMPLES}
 
     def step_seconds(self, batch: int, max_k: int, predicted: Callable[[int, int], float]) -> list[float]:
@@ -274,7 +336,10 @@ class MeasuredStepTimes:
         if not (0 in ks and len(ks) >= 3):  # the drafting step is not identifiable: fold it into base
             features = [[1.0, float(k)] for k in ks]
         if len(ks) >= 2:
-            weights = [min(measured[k][1], 1.0 / STEP_TIME_WEIGHT) for k in ks]
+            bucket = batch_bucket(batch)
+            weights = [min(measured[k][1], 1.0 / STEP_TIME_WEIGHT)
+                       * 0.5 ** ((self.timed_steps[bucket] - self.last_timed[(bucket, k)]) / STALE_HALF_LIFE)
+                       for k in ks]
             fit = _least_squares(features, [measured[k][0] for k in ks], weights)
             if fit is not None:
                 if len(fit) == 2:
@@ -316,6 +381,9 @@ class _BucketProbes:
     turn: int = 0  # cycles the probed K through the candidates
     steps: int = 0  # steps scheduled in the bucket
     probed_at: dict[int, int] = field(default_factory=dict)  # K -> `steps` when its last probe began
+    # The gauge (K, seconds) when the last probe began: a drift past REPROBE_DRIFT since then
+    # brings the next probe forward.
+    gauge_at_probe: tuple[int, float] | None = None
 
     def due(self, k: int, regret: float | None) -> bool:
         """Whether K may be probed now: at once while unmeasured (regret None), else once the
@@ -361,7 +429,7 @@ class OnlineSchedule:
         steady steps (the engine logs this now and then)."""
         parts = []
         for bucket in sorted({b for b, _ in self.times.samples} | set(self.chosen)):
-            measured = ", ".join(f"K={k} {1e3 * self.times.seconds[(b, k)]:.1f} ms x{n}"
+            measured = ", ".join(f"K={k} {1e3 * self.times.mean_seconds(b, k):.1f} ms x{n}"
                                  for (b, k), n in sorted(self.times.samples.items()) if b == bucket)
             parts.append(f"batch {bucket_label(bucket)}: K={self.chosen.get(bucket, '-')} ({measured or 'unmeasured'})")
         return "; ".join(parts) or "no step scheduled yet"
@@ -399,8 +467,7 @@ class OnlineSchedule:
         bucket = batch_bucket(batch)
         if default_k is not None and bucket not in self.measured_buckets:
             borrowed = self.nearest_learned_k(bucket)
-            self.chosen[bucket] = default_k if borrowed is None else borrowed
-            return self.chosen[bucket]
+            return self._choose(batch, default_k if borrowed is None else borrowed)
         samples = sum(n for (b, _), n in self.times.samples.items() if b == bucket)
         current = self.chosen.get(bucket)
         if current is not None and bucket in self.chosen_at:
@@ -413,8 +480,15 @@ class OnlineSchedule:
         best = max(range(self.max_k + 1), key=lambda k: (rates[k], -k))
         if current is not None and rates[best] <= (1 + SWITCH_MARGIN) * rates[current]:
             best = current
-        self.chosen[bucket] = best
-        return best
+        return self._choose(batch, best)
+
+    def _choose(self, batch: int, k: int) -> int:
+        """Put K in force in the batch's bucket; its steps gauge the bucket's speed from now on."""
+        bucket = batch_bucket(batch)
+        if self.chosen.get(bucket) != k:
+            self.chosen[bucket] = k
+            self.times.follow(batch, k)
+        return k
 
     def regret(self, bucket: int, k: int, best: int) -> float | None:
         """The share of tokens/s K loses against `best` in a learned bucket, by its last fit; None
@@ -437,6 +511,14 @@ class OnlineSchedule:
                 probes.interval = min(2 * probes.interval, MAX_PROBE_INTERVAL) if confirmed else FIRST_PROBE_INTERVAL
                 probes.steps_until_probe = probes.interval
             return probes.probe_k
+        gauge = self.times.gauge(bucket)
+        if gauge is not None and probes.gauge_at_probe is not None and gauge[0] == probes.gauge_at_probe[0] \
+                and abs(gauge[1] / probes.gauge_at_probe[1] - 1) > REPROBE_DRIFT:
+            # The speed moved: uniformly (the probes confirm the choice and back off again) or for
+            # some K's more than others (what the probes are for). Once the gauge has caught up.
+            probes.interval = FIRST_PROBE_INTERVAL
+            probes.steps_until_probe = min(probes.steps_until_probe, REPROBE_AFTER)
+            probes.gauge_at_probe = gauge
         probes.steps_until_probe -= 1
         if probes.steps_until_probe > 0:
             return best
@@ -447,6 +529,7 @@ class OnlineSchedule:
             return best
         probes.probe_k = candidates[probes.turn % len(candidates)]
         probes.probed_at[probes.probe_k] = probes.steps
+        probes.gauge_at_probe = gauge
         probes.turn += 1
         probes.best_before_probe = best
         probes.probe_steps_left = PROBE_STEPS - 1

@@ -5,6 +5,7 @@ concurrency, and one where it never pays. No engine."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -183,7 +184,7 @@ def test_only_steady_decode_steps_are_timed():
     for started, batch, k, requests, decode_only in steps:
         schedule.step_scheduled(ScheduledStep(started, batch, k, requests, decode_only))
     assert schedule.times.samples == {(2, 3): 2}
-    assert schedule.times.seconds[(2, 3)] == pytest.approx((0.01 + 0.02) / 2)
+    assert schedule.times.mean_seconds(2, 3) == pytest.approx((0.01 + 0.02) / 2)
 
 
 def test_the_summary_names_each_bucket_its_k_and_measured_step_times():
@@ -204,15 +205,15 @@ def test_pauses_move_no_step_time_and_no_choice():
         times.observe(1, 5, 0.015)
     for _ in range(9):
         times.observe(1, 5, 0.4)
-    assert times.seconds[(1, 5)] == pytest.approx(0.015) and times.samples[(1, 5)] == 100
+    assert times.mean_seconds(1, 5) == pytest.approx(0.015) and times.samples[(1, 5)] == 100
     times.observe(1, 3, 0.4)  # the first step at K=3 was a pause
     for _ in range(MIN_STEADY_SAMPLES):
         times.observe(1, 3, 0.012)
-    assert times.seconds[(1, 3)] == pytest.approx(0.012)
+    assert times.mean_seconds(1, 3) == pytest.approx(0.012)
     # A step time that stays 4x higher is a change, not a pause: taken after MAX_PAUSES_IN_A_ROW.
     for _ in range(MAX_PAUSES_IN_A_ROW + 1):
         times.observe(1, 5, 0.06)
-    assert times.seconds[(1, 5)] == pytest.approx(0.06)
+    assert times.mean_seconds(1, 5) == pytest.approx(0.06)
 
     batch = 1
     schedule = OnlineSchedule(MAX_K, pessimistic_model)
@@ -221,3 +222,58 @@ def test_pauses_move_no_step_time_and_no_choice():
     for _ in range(9):
         schedule.record_step(batch, chosen, 30 * drafting_pays_everywhere(batch, chosen))
     assert schedule.best_k(batch, ACCEPTANCE) == chosen
+
+
+def serve_with_speed(schedule: OnlineSchedule, true_step, batch: int, steps: int, speed: float,
+                     noise: float = 0.1, seed: int = 0) -> list[int]:
+    """As `serve`, on a machine `speed` times slower than `true_step` says; the K of each step."""
+    rng = random.Random(seed)
+    previous_k, ks = None, []
+    for _ in range(steps):
+        k = schedule.step_k(batch, ACCEPTANCE)
+        if k == previous_k:
+            schedule.record_step(batch, k, speed * true_step(batch, k) * (1 + rng.uniform(-noise, noise)))
+        previous_k = k
+        ks.append(k)
+    return ks
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_a_slow_spell_of_the_whole_machine_moves_no_choice(batch):
+    """Each K is timed only while it runs, so means of different K's are taken minutes apart. A
+    slow spell of the whole machine (in the deep demo pair's server the K in force went from 27.8 to
+    37.1 ms a step while the other K's kept their means from before) must not read as drafting got
+    dearer: the K in force gauges the machine's speed and the other K's keep their step time
+    relative to it. The choice holds through the spell and after it, probes aside."""
+    schedule = OnlineSchedule(MAX_K, pessimistic_model)
+    serve_with_speed(schedule, drafting_pays_everywhere, batch, 3000, speed=1.0)
+    chosen = schedule.best_k(batch, ACCEPTANCE)
+    during = serve_with_speed(schedule, drafting_pays_everywhere, batch, 3000, speed=1.35, seed=1)
+    after = serve_with_speed(schedule, drafting_pays_everywhere, batch, 3000, speed=1.0, seed=2)
+    for ks in (during, after):
+        assert sum(k == chosen for k in ks) >= 0.95 * len(ks), Counter(ks)
+    assert schedule.best_k(batch, ACCEPTANCE) == chosen
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_probes_find_a_k_whose_cost_changed(batch):
+    """What the gauge cannot tell from a slow spell, the probes find: when every draft forward
+    costs four times what it did, the K's around the one in force are re-timed and the schedule
+    moves down, to a K within 10% of the best fixed K (K = 2 or 3 here, from 4 or 5). Slower than
+    after a slow spell: a K's ratio to the gauge moves by ~13% of the way per probe, so at batch 4
+    it reaches K = 4 (6% behind K = 2) in these 3,000 steps."""
+
+    def dear_drafts(batch: int, k: int) -> float:
+        base = drafting_pays_everywhere(batch, 0)
+        return base + 4 * (drafting_pays_everywhere(batch, k) - base)
+
+    schedule = OnlineSchedule(MAX_K, pessimistic_model)
+    serve_with_speed(schedule, drafting_pays_everywhere, batch, 3000, speed=1.0)
+    before = schedule.best_k(batch, ACCEPTANCE)
+    assert before >= 4
+    serve_with_speed(schedule, dear_drafts, batch, 3000, speed=1.0, seed=1)
+    fixed = {k: tokens_per_second(dear_drafts, batch, k) for k in range(MAX_K + 1)}
+    after = schedule.best_k(batch, ACCEPTANCE)
+    assert after < before and fixed[after] >= 0.9 * max(fixed.values()), (after, fixed)
+
+

@@ -16,6 +16,8 @@ MAX_NUM_SEQS = 8
 class ScheduleThatPicks:
     """Stands in for AdaptiveSchedule: K = 5 at one or two running requests, 4 beyond."""
 
+    schedule = [(1, 2, 2), (3, 1_000_000, 1)]  # the cost model's table as last derived
+
     def __init__(self) -> None:
         self.asked: list[int] = []
         self.online = SimpleNamespace(step_scheduled=lambda step: None, summary=lambda: "")
@@ -23,6 +25,11 @@ class ScheduleThatPicks:
     def step_k(self, batch: int) -> int:
         self.asked.append(batch)
         return 5 if batch <= 2 else 4
+
+
+class ScheduleThatFails(ScheduleThatPicks):
+    def step_k(self, batch: int) -> int:
+        raise ZeroDivisionError("a fault in the step-time feedback")
 
 
 def vllm_schedule(scheduler):
@@ -39,7 +46,8 @@ def scheduler(running: int, waiting: int) -> SimpleNamespace:
     return SimpleNamespace(running=[f"running-{i}" for i in range(running)],
                            waiting=[f"waiting-{i}" for i in range(waiting)],
                            dynamic_sd_lookup=[0] + [TABLE_K] * MAX_NUM_SEQS,
-                           vispec_adaptive_schedule=ScheduleThatPicks(), vispec_schedule_logged_at=0.0)
+                           vispec_adaptive_schedule=ScheduleThatPicks(), vispec_schedule_logged_at=0.0,
+                           num_spec_tokens=5)
 
 
 schedule = _make_schedule(vllm_schedule)
@@ -72,3 +80,15 @@ def test_without_a_schedule_the_table_decides():
     state = scheduler(running=2, waiting=1)
     state.vispec_adaptive_schedule = None
     assert schedule(state).num_spec_tokens_to_schedule == TABLE_K
+
+
+def test_a_fault_in_the_step_time_feedback_falls_back_to_the_table():
+    """The schedule is an optimisation: a fault in it costs no request. The table as last derived
+    goes into vLLM's lookup and decides from then on."""
+    state = scheduler(running=2, waiting=1)
+    state.vispec_adaptive_schedule = ScheduleThatFails()
+    assert schedule(state).num_spec_tokens_to_schedule == 1  # 3 scheduled: the table's K there
+    assert state.vispec_adaptive_schedule is None
+    assert state.dynamic_sd_lookup == [0, 2, 2] + [1] * (MAX_NUM_SEQS - 2)
+    state.running = state.running[:2]
+    assert schedule(state).num_spec_tokens_to_schedule == 2
