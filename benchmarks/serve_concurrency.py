@@ -225,7 +225,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
     `args.concurrency`, in an order rotated from repeat to repeat, on held-out scenes new to every
     repeat and the same for every server within it. Returns (name, concurrency) -> `bench` results,
     one per repeat. Reads args.target, image_tokens, seed, warmup_prompts, concurrency,
-    prompts_per_concurrency, min_prompts, output_len and repeats, and server_logs where it has one.
+    prompts_per_concurrency, min_prompts, output_len, repeats and server_logs.
     `after_repeat(results so far, repeats done)` runs after each repeat."""
     runs = list(servers_to_start)
     client = bench_client()
@@ -239,7 +239,7 @@ def run_interleaved(args: argparse.Namespace, servers_to_start: dict[str, tuple[
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers_running:
         tmp = Path(tmp)
-        log_dir = getattr(args, "server_logs", None) or tmp  # step_cost.py has no --server-logs
+        log_dir = args.server_logs or tmp
         log_dir.mkdir(parents=True, exist_ok=True)
         servers = start_servers(servers_running, servers_to_start, args.target, log_dir)
         print(f"{len(servers)} servers up after {time.monotonic() - started:.0f} s", flush=True)

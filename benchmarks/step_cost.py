@@ -387,6 +387,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--warmup-prompts", type=int, default=8, help="itl: requests of each server's warm-up run")
     parser.add_argument("--seed", type=int, default=0, help="itl: picks the held-out scenes")
+    parser.add_argument("--server-logs", type=Path,
+                        help="itl: keep each server's log in this directory (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny widths and the 36-token pair, for tests: "
                              + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))

@@ -307,8 +307,12 @@ class MeasuredStepTimes:
         self.pauses_in_a_row[key] = 0
         if count and seconds * PAUSE_FACTOR < self.mean_seconds(bucket, k):
             count = 0
-        # A plain mean for the first samples, then a running mean that follows drift.
-        weight = 1.0 if count == 0 else max(1.0 / (count + 1), STEP_TIME_WEIGHT)
+        # A plain mean for the first samples, then a running mean that follows drift. Samples
+        # count for less as they age (half per STALE_HALF_LIFE steps timed in the bucket), so the
+        # first step of a probe after a long gap replaces much of a stale mean instead of nudging it.
+        age = self.timed_steps.get(bucket, 0) - self.last_timed.get(key, 0)
+        fresh_count = count * 0.5 ** (age / STALE_HALF_LIFE)
+        weight = 1.0 if count == 0 else max(1.0 / (fresh_count + 1), STEP_TIME_WEIGHT)
         if bucket not in self.gauge_seconds:  # the bucket's first timed step: its K gauges for now
             self.gauge_k[bucket], self.gauge_seconds[bucket] = k, seconds
             self.relative[key] = 1.0

@@ -277,3 +277,25 @@ def test_probes_find_a_k_whose_cost_changed(batch):
     assert after < before and fixed[after] >= 0.9 * max(fixed.values()), (after, fixed)
 
 
+
+
+def test_a_probe_after_a_long_gap_replaces_most_of_a_stale_mean():
+    """Samples count for less as they age: the first step of a probe of a K last timed thousands of
+    steps ago (its ratio to the gauge measured under other conditions, e.g. in the warm-up) takes
+    its mean most of the way to what it measures, where a probe of a fresh mean moves it by about
+    13%. (The probe's later steps weigh as a long mean's again.)"""
+    from vispec_vllm.speculation_schedule import PROBE_STEPS, STALE_HALF_LIFE
+
+    def probe_moves(gap: int) -> float:
+        times = MeasuredStepTimes()
+        for _ in range(100):
+            times.observe(1, 5, 0.020)  # the gauge
+            times.observe(1, 3, 0.015)  # ratio 0.75
+        for _ in range(gap):
+            times.observe(1, 5, 0.020)
+        for _ in range(PROBE_STEPS - 1):
+            times.observe(1, 3, 0.012)  # ratio 0.6 now
+        return (0.75 - times.relative[(1, 3)]) / (0.75 - 0.6)
+
+    assert probe_moves(0) == pytest.approx(1 - 0.98 ** (PROBE_STEPS - 1), abs=0.02)
+    assert probe_moves(8 * STALE_HALF_LIFE) > 0.7
