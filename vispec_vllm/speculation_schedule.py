@@ -276,6 +276,12 @@ class MeasuredStepTimes:
         """K's step seconds at the bucket's current speed."""
         return self.relative[(bucket, k)] * self.gauge_seconds[bucket]
 
+    def freshness(self, bucket: int, k: int) -> float:
+        """What K's samples still count for: half per STALE_HALF_LIFE steps timed in the bucket since
+        K was last timed there (meaningless for a K never timed there, whose count is 0)."""
+        age = self.timed_steps.get(bucket, 0) - self.last_timed.get((bucket, k), 0)
+        return 0.5 ** (age / STALE_HALF_LIFE)
+
     def gauge(self, bucket: int) -> tuple[int, float] | None:
         """The K gauging the bucket's speed and its mean step seconds, once a step there is timed."""
         return (self.gauge_k[bucket], self.gauge_seconds[bucket]) if bucket in self.gauge_k else None
@@ -310,8 +316,7 @@ class MeasuredStepTimes:
         # A plain mean for the first samples, then a running mean that follows drift. Samples
         # count for less as they age (half per STALE_HALF_LIFE steps timed in the bucket), so the
         # first step of a probe after a long gap replaces much of a stale mean instead of nudging it.
-        age = self.timed_steps.get(bucket, 0) - self.last_timed.get(key, 0)
-        fresh_count = count * 0.5 ** (age / STALE_HALF_LIFE)
+        fresh_count = count * self.freshness(bucket, k)
         weight = 1.0 if count == 0 else max(1.0 / (fresh_count + 1), STEP_TIME_WEIGHT)
         if bucket not in self.gauge_seconds:  # the bucket's first timed step: its K gauges for now
             self.gauge_k[bucket], self.gauge_seconds[bucket] = k, seconds
@@ -341,9 +346,7 @@ class MeasuredStepTimes:
             features = [[1.0, float(k)] for k in ks]
         if len(ks) >= 2:
             bucket = batch_bucket(batch)
-            weights = [min(measured[k][1], 1.0 / STEP_TIME_WEIGHT)
-                       * 0.5 ** ((self.timed_steps[bucket] - self.last_timed[(bucket, k)]) / STALE_HALF_LIFE)
-                       for k in ks]
+            weights = [min(measured[k][1], 1.0 / STEP_TIME_WEIGHT) * self.freshness(bucket, k) for k in ks]
             fit = _least_squares(features, [measured[k][0] for k in ks], weights)
             if fit is not None:
                 if len(fit) == 2:
