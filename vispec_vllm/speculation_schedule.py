@@ -182,8 +182,8 @@ class AdaptiveSchedule:
 # tau being the measured mean acceptance length. Until a bucket has measured two K's, the engine
 # keeps the K of the nearest bucket that has, or while none has the start-up table's K (the cost
 # model's; without a table, its prediction scaled by the bucket's measured error decides). Now and
-# then a neighbouring K (and K = 0, no speculation) is tried for a few steps, so that every
-# estimate stays current; the interval between such probes doubles while they confirm the choice.
+# then another K (K = 0, no speculation, too) is tried for a few steps, so that every estimate
+# stays current; the interval between such probes doubles while they confirm the choice.
 # A probe costs what its K loses against the K in force, so a measured K that the fit puts far
 # behind is probed seldom: at most PROBE_STEPS steps per PROBE_STEPS * regret / PROBE_LOSS_BUDGET
 # steps of its bucket (regret: the share of tokens/s it loses), which caps what probing it costs
@@ -196,8 +196,8 @@ class AdaptiveSchedule:
 MIN_STEADY_SAMPLES = 4  # steady steps at (bucket, K) before that K counts as measured
 STEP_TIME_WEIGHT = 0.02  # of a new step in a K's running mean, once past 1 / STEP_TIME_WEIGHT samples
 # A K's mean counts in the fit for half as many steps per STALE_HALF_LIFE steady steps timed in its
-# bucket since it was last timed: a K no probe visits any more (not a neighbour of the K in force,
-# not K = 0) fades from the fit instead of pulling it with a ratio measured under other conditions.
+# bucket since it was last timed: a K probed seldom (one far behind the K in force) fades from the
+# fit between its probes instead of pulling it with a ratio measured under other conditions.
 STALE_HALF_LIFE = 512
 # When the gauge has moved by more than REPROBE_DRIFT since the last probe began, the next probe
 # comes within REPROBE_AFTER steps (the gauge's running mean has caught up by then) and the probe
@@ -385,7 +385,6 @@ class _BucketProbes:
     probe_k: int | None = None
     probe_steps_left: int = 0
     best_before_probe: int | None = None
-    turn: int = 0  # cycles the probed K through the candidates
     steps: int = 0  # steps scheduled in the bucket
     probed_at: dict[int, int] = field(default_factory=dict)  # K -> `steps` when its last probe began
     # The gauge (K, seconds) when the last probe began: a drift past REPROBE_DRIFT since then
@@ -529,15 +528,17 @@ class OnlineSchedule:
         probes.steps_until_probe -= 1
         if probes.steps_until_probe > 0:
             return best
-        candidates = sorted({k for k in (best - 1, best + 1, 0) if 0 <= k <= self.max_k and k != best})
-        candidates = [k for k in candidates if probes.due(k, self.regret(bucket, k, best))]
+        # Every other K may be probed, as often as what it loses pays for (`due`): a K far from the
+        # one in force is re-timed too, so a ratio taken in the warm-up (when a new K's first steps
+        # run slow) is not kept for good. Of the K's due, the one probed longest ago goes first.
+        candidates = [k for k in range(self.max_k + 1)
+                      if k != best and probes.due(k, self.regret(bucket, k, best))]
         if not candidates:
             probes.steps_until_probe = probes.interval
             return best
-        probes.probe_k = candidates[probes.turn % len(candidates)]
+        probes.probe_k = min(candidates, key=lambda k: (probes.probed_at.get(k, -1), abs(k - best)))
         probes.probed_at[probes.probe_k] = probes.steps
         probes.gauge_at_probe = gauge
-        probes.turn += 1
         probes.best_before_probe = best
         probes.probe_steps_left = PROBE_STEPS - 1
         return probes.probe_k
