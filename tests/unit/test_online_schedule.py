@@ -15,6 +15,7 @@ from vispec_vllm.speculation_schedule import (
     MIN_STEADY_SAMPLES,
     PROBE_LOSS_BUDGET,
     PROBE_STEPS,
+    STALE_HALF_LIFE,
     MeasuredStepTimes,
     OnlineSchedule,
     batch_bucket,
@@ -277,15 +278,11 @@ def test_probes_find_a_k_whose_cost_changed(batch):
     assert after < before and fixed[after] >= 0.9 * max(fixed.values()), (after, fixed)
 
 
-
-
 def test_a_probe_after_a_long_gap_replaces_most_of_a_stale_mean():
     """Samples count for less as they age: the first step of a probe of a K last timed thousands of
     steps ago (its ratio to the gauge measured under other conditions, e.g. in the warm-up) takes
     its mean most of the way to what it measures, where a probe of a fresh mean moves it by about
     13%. (The probe's later steps weigh as a long mean's again.)"""
-    from vispec_vllm.speculation_schedule import PROBE_STEPS, STALE_HALF_LIFE
-
     def probe_moves(gap: int) -> float:
         times = MeasuredStepTimes()
         for _ in range(100):
