@@ -192,7 +192,7 @@ def test_the_summary_names_each_bucket_its_k_and_measured_step_times():
     schedule = OnlineSchedule(MAX_K, drafting_pays_everywhere)
     assert schedule.summary() == "no step scheduled yet"
     for _ in range(MIN_STEADY_SAMPLES):
-        schedule.record_step(6, 3, 0.025)
+        schedule.record_step(8, 3, 0.025)
     schedule.best_k(20, ACCEPTANCE, default_k=2)
     assert schedule.summary() == "batch 5-8: K=- (K=3 25.0 ms x4); batch 17-32: K=2 (unmeasured)"
 
@@ -324,3 +324,67 @@ def test_a_k_first_timed_slow_is_timed_again(batch):
     fixed = {k: tokens_per_second(drafting_pays_everywhere, batch, k) for k in range(MAX_K + 1)}
     achieved = serve(schedule, drafting_pays_everywhere, batch, 3000, noise=0.1, seed=12)
     assert achieved >= 0.95 * max(fixed.values()), (achieved, fixed, schedule.summary())
+
+
+# The deep demo pair's shape, measured in-process: a step costs about 2 ms more per request, a draft
+# token little; its ViSpec draft's acceptance grows up to K=5.
+DEEP_PAIR_ACCEPTANCE = AcceptanceCurve({1: 1.85, 2: 2.6, 3: 3.2, 4: 3.66, 5: 4.1})
+
+
+def deep_pair_step(batch: int, k: int) -> float:
+    return (6.0 + 2.0 * batch + k * (0.35 + 0.12 * batch)) * 1e-3
+
+
+def deep_pair_model(batch: int, k: int) -> float:
+    """A cost model with the batch's share about right and each draft token far too dear."""
+    return (6.0 + 1.2 * batch + k * (3.0 + 0.2 * batch)) * 1e-3
+
+
+def serve_in_waves(schedule: OnlineSchedule | None, smallest: int, largest: int, steps: int, seed: int,
+                   fixed_k: int | None = None, noise: float = 0.15) -> float:
+    """Traffic in waves, as a server at concurrency `largest` sees it: a stretch at `largest`
+    requests, then a tail as they finish, down to `smallest`, and again. Steady steps (same K and
+    batch as the step before) are recorded. Tokens per second."""
+    rng = random.Random(seed)
+
+    def batches():
+        while True:
+            yield from [largest] * rng.randint(20, 60)
+            for batch in range(largest - 1, smallest - 1, -1):
+                yield from [batch] * rng.randint(2, 10)
+
+    tokens = seconds = 0.0
+    previous = None
+    for batch, _ in zip(batches(), range(steps), strict=False):
+        k = fixed_k if schedule is None else schedule.step_k(batch, DEEP_PAIR_ACCEPTANCE)
+        step_seconds = deep_pair_step(batch, k) * (1 + rng.uniform(-noise, noise))
+        if schedule is not None and (batch, k) == previous:
+            schedule.record_step(batch, k, step_seconds)
+        previous = (batch, k)
+        tokens += batch * DEEP_PAIR_ACCEPTANCE(k)
+        seconds += step_seconds
+    return tokens / seconds
+
+
+@pytest.mark.parametrize(("smallest", "largest", "seed"), [(9, 16, 0), (9, 16, 4), (17, 32, 8)])
+def test_a_bucket_of_several_batch_sizes_compares_ks_at_one_batch(smallest, largest, seed):
+    """A probe of 8 steps lands on whatever batch the traffic has then, while the K in force is timed
+    at every batch of the bucket; a step at 9 requests costs much less than one at 16. Unscaled, a
+    probe timed in a tail looks cheap and one timed at the crest dear, and a K that drew a dear
+    probe waits long for the next (seeds where the unscaled times reached 0.91x, 0.91x and 0.84x of
+    the best fixed K)."""
+    schedule = OnlineSchedule(MAX_K, deep_pair_model)
+    serve_in_waves(schedule, smallest, largest, 1500, seed)  # learning
+    achieved = serve_in_waves(schedule, smallest, largest, 1500, seed + 100)
+    fixed = {k: serve_in_waves(None, smallest, largest, 1500, seed + 100, fixed_k=k) for k in range(MAX_K + 1)}
+    assert achieved >= 0.97 * max(fixed.values()), (achieved, fixed)
+
+
+def test_step_times_are_kept_at_the_bucket_s_largest_batch():
+    schedule = OnlineSchedule(MAX_K, deep_pair_model)
+    for _ in range(MIN_STEADY_SAMPLES):
+        schedule.record_step(6, 3, deep_pair_model(6, 3))
+    assert schedule.times.mean_seconds(batch_bucket(6), 3) == pytest.approx(deep_pair_model(8, 3))
+    # Buckets 1-4 hold one batch size each: nothing to scale.
+    schedule.record_step(3, 2, 0.02)
+    assert schedule.times.mean_seconds(3, 2) == pytest.approx(0.02)
