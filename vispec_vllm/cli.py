@@ -123,10 +123,12 @@ def main(argv: list[str] | None = None) -> None:
                            "run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])
-    build.add_argument("--recipe", choices=["scene-llava", "scene-llava-576", "scene-llava-deep"],
+    build.add_argument("--recipe", choices=["scene-llava", "scene-llava-576", "scene-llava-deep",
+                                            "scene-llava-deep-grown"],
                        help="a target recipe by name (overrides --image-tokens; 576 is scene-llava-deep: 16 decoder "
                        "layers, 8,000 + 4,000 training steps and a 2,000-step restart; scene-llava-576 is the "
-                       "earlier 4-layer target)")
+                       "earlier 4-layer target; scene-llava-deep-grown, an experiment, trains the shipped "
+                       "scene-llava-deep on for 3,000 steps)")
     build.add_argument("--target-minutes", type=float, default=None,
                        help="default: the recipe's (12 for 36, 65 for scene-llava-576); scene-llava-deep trains to a "
                        "step budget instead")

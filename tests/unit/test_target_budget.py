@@ -1,13 +1,15 @@
 """A demo target trained to a step budget (vispec_vllm/demo/target.py, build.py): the learning-rate
 schedule of the first cycle does not change when a restart is added, the restart warms up to its own
 peak and decays to the first cycle's floor; a target whose recipe gained steps counts as not trained,
-and training it on forgets the records and drafts made from it."""
+and training it on forgets the records and drafts made from it; a target grown from another's
+starts from its weights and its training scenes come after the base's."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
+import torch
 
 from vispec_vllm.demo.build import DONE_MARKER, _trained_budget, forget_derived, target_trained
 from vispec_vllm.demo.target import DEEP, LR_WARMUP_FRACTION, PEAK_LR, SMALL, _learning_rate
@@ -57,3 +59,56 @@ def test_a_target_given_more_steps_trains_on_and_forgets_what_was_made_from_it(t
         (tmp_path / derived).mkdir(parents=True)
     forget_derived(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [DEEP.name]
+
+
+GROWN = replace(DEEP, name="grown", steps=(0, 3000), restart=None, grown_from=DEEP.name, peak_lr=3e-4)
+
+
+def test_a_grown_target_draws_training_scenes_after_its_base():
+    vision_steps, conversation_steps = DEEP.steps
+    base_examples = vision_steps * DEEP.vision_batch_size + (conversation_steps + DEEP.restart[0]) * DEEP.batch_size
+    assert DEEP.training_examples == base_examples
+    assert GROWN.training_examples == base_examples + 3000 * GROWN.batch_size
+
+
+def test_a_grown_target_warms_up_to_its_own_peak_and_decays_to_the_floor():
+    schedule = [GROWN.learning_rate(step) for step in range(GROWN.total_steps + 1)]
+    assert schedule[0] < 0.1 * GROWN.peak_lr
+    assert max(schedule) == pytest.approx(GROWN.peak_lr)
+    assert GROWN.learning_rate(round(LR_WARMUP_FRACTION * GROWN.total_steps)) == pytest.approx(GROWN.peak_lr)
+    assert schedule[-1] == pytest.approx(0.05 * PEAK_LR)
+
+
+def test_a_grown_target_trains_on_from_its_base_and_resumes(tmp_path, monkeypatch):
+    """Two steps grown from the shipped 36-token target: they start from its weights, draw the
+    training scenes after its own, and a run given more steps resumes the saved state."""
+    from safetensors.torch import load_file
+
+    from vispec_vllm.demo import target as target_module
+    from vispec_vllm.demo.models import DEMO_TARGET
+
+    monkeypatch.setattr(target_module, "CHECKPOINT_EVERY_S", 1e9)  # only the final save
+    base_examples = 1000
+    monkeypatch.setitem(target_module.RECIPES_BY_NAME, "base", replace(SMALL, steps=(0, base_examples // 8)))
+    grown = replace(SMALL, name="grown", steps=(0, 1), grown_from="base", bf16_autocast=True)
+    base_weights = load_file(DEMO_TARGET / "model.safetensors")
+
+    out = target_module.train_demo_target(tmp_path / "grown", recipe=grown, base_dir=DEMO_TARGET)
+    state = torch.load(out / target_module.STATE_FILE, weights_only=True)
+    assert state["step"] == 1 and state["seen"] == base_examples + grown.batch_size
+    grown_weights = load_file(out / "model.safetensors")
+    assert grown_weights.keys() == base_weights.keys()
+    moved = [name for name, weight in grown_weights.items() if not torch.equal(weight.half(), base_weights[name])]
+    assert moved and all((grown_weights[name] - base_weights[name].float()).abs().max() < 0.05 for name in moved)
+
+    target_module.train_demo_target(out, recipe=replace(grown, steps=(0, 2)), base_dir=DEMO_TARGET)
+    state = torch.load(out / target_module.STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and state["seen"] == base_examples + 2 * grown.batch_size
+
+
+def test_a_grown_target_names_a_missing_base(tmp_path):
+    from vispec_vllm.demo.target import train_demo_target
+
+    grown = replace(SMALL, name="grown", steps=(0, 1), grown_from=SMALL.name)
+    with pytest.raises(FileNotFoundError, match="base target `scene-llava` is not built"):
+        train_demo_target(tmp_path / "grown", recipe=grown, base_dir=tmp_path / "nothing")

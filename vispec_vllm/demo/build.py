@@ -262,20 +262,20 @@ def train_drafts_side_by_side(recipe: TargetRecipe, target: Path, work: Path, se
 def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes: float | None = None,
                seed: int = 0) -> dict[str, Path]:
     """Train the target and the shipped drafts of one seed; export fp16 copies named as shipped."""
-    from vispec_vllm.demo.target import train_demo_target
-
     out_dir = Path(out_dir)
     work = out_dir / "fp32"
-    trained_target = work / recipe.name
-    if not target_trained(trained_target, recipe):
-        if (trained_target / DONE_MARKER).exists():  # a finished target trains on: its records and drafts go stale
-            (trained_target / DONE_MARKER).unlink()
-            forget_derived(work)
-        train_demo_target(trained_target, target_minutes, recipe=recipe, threads=2)  # nothing else runs yet
-        (trained_target / DONE_MARKER).write_text(_trained_budget(recipe))
+    base_dir = None
+    if recipe.grown_from:  # the base: built beside the target, else the shipped one, else trained here
+        base = RECIPES_BY_NAME[recipe.grown_from]
+        base_dir = out_dir / base.name
+        if not (base_dir / "config.json").exists():
+            if (shipped_target(base) / "config.json").exists():
+                base_dir = shipped_target(base)
+            else:
+                build_target(base, work, base_dir)
+    build_target(recipe, work, out_dir / recipe.name, target_minutes, base_dir)
     # Records and drafts use the fp16 copy that ships, so drafts learn the target that is served.
     shipped = {"target": out_dir / recipe.name}
-    export_fp16(trained_target, shipped["target"])
     kinds = tuple(SHIPPED_DRAFTS.values())
     records = build_records_apart(recipe, shipped["target"], work, shipped=True, kinds=kinds)
     train_drafts_side_by_side(recipe, shipped["target"], work, seed, kinds)
@@ -284,6 +284,22 @@ def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes:
         shipped[name] = out_dir / f"{recipe.name}-{name}"
         export_fp16(drafts[kind], shipped[name])
     return shipped
+
+
+def build_target(recipe: TargetRecipe, work: Path, shipped: Path, minutes: float | None = None,
+                 base_dir: Path | None = None) -> None:
+    """Train `recipe`'s target in `work` (resuming; a grown recipe from `base_dir`) unless it finished
+    its budget, and export its fp16 copy to `shipped`."""
+    from vispec_vllm.demo.target import train_demo_target
+
+    trained_target = work / recipe.name
+    if not target_trained(trained_target, recipe):
+        if (trained_target / DONE_MARKER).exists():  # a finished target trains on: its records and drafts go stale
+            (trained_target / DONE_MARKER).unlink()
+            forget_derived(work)
+        train_demo_target(trained_target, minutes, recipe=recipe, threads=2, base_dir=base_dir)  # nothing else runs
+        (trained_target / DONE_MARKER).write_text(_trained_budget(recipe))
+    export_fp16(trained_target, shipped)
 
 
 def _trained_budget(recipe: TargetRecipe) -> str:

@@ -29,7 +29,7 @@ import argparse
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -86,6 +86,14 @@ class TargetRecipe:
     # experiment trains on its own, smaller budget).
     shipped_draft_records: int = 240
     shipped_draft_epochs: int = 10
+    # A target grown from another recipe's shipped target (its fp16 weights cast back to float32):
+    # conversation steps only, `steps` = (0, n), with no probe (the base's image tokens already carry
+    # the scene), on training scenes after the ones the base drew.
+    grown_from: str | None = None
+    peak_lr: float = PEAK_LR  # the first cycle's peak
+    # Forward passes under bfloat16 autocast (weights, gradients and AdamW stay float32): on this
+    # CPU (AVX-512 BF16) a conversation step takes half the time.
+    bf16_autocast: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -99,9 +107,18 @@ class TargetRecipe:
         `steps`, then, with a restart, another over the restart's steps at its peak."""
         first_cycle = sum(self.steps)
         if step < first_cycle or self.restart is None:
-            return _learning_rate(step / first_cycle)
+            return _learning_rate(step / first_cycle, self.peak_lr)
         restart_steps, restart_peak = self.restart
         return _learning_rate((step - first_cycle) / restart_steps, restart_peak)
+
+    @property
+    def training_examples(self) -> int:
+        """The training seeds a step budget draws, its base's included: one per image of the vision
+        warm-up and one per conversation (a grown target starts the stream after its base's)."""
+        vision_steps, conversation_steps = self.steps
+        conversation_steps += self.restart[0] if self.restart else 0
+        own = vision_steps * self.vision_batch_size + conversation_steps * self.batch_size
+        return own + (RECIPES_BY_NAME[self.grown_from].training_examples if self.grown_from else 0)
 
     @property
     def image_size(self) -> int:
@@ -131,10 +148,15 @@ LLAVA15_SCALE = TargetRecipe("scene-llava-576", rich_scenes, patch_size=8, batch
 DEEP = TargetRecipe("scene-llava-deep", rich_scenes, patch_size=8, batch_size=4, vision_batch_size=8,
                     max_new_tokens=448, default_minutes=240.0, text_layers=16, steps=(8000, 4000),
                     restart=(2000, 3e-4), shipped_draft_records=1920, shipped_draft_epochs=5)
+# scene-llava-deep trained on (docs/experiments.md, "Training the deep target on"): 3,000 more
+# conversation steps from the shipped target, on training scenes it never drew, at a peak lr of 3e-4
+# with a fresh AdamW (the shipped target has no optimizer state), forward passes in bfloat16.
+DEEP_GROWN = replace(DEEP, name="scene-llava-deep-grown", steps=(0, 3000), restart=None, grown_from=DEEP.name,
+                     peak_lr=3e-4, bf16_autocast=True)
 # The shipped pairs' recipes by image tokens per image; scene-llava-576 (4 layers, the default before
-# scene-llava-deep) stays reproducible by name.
+# scene-llava-deep) and the experiment scene-llava-deep-grown stay reproducible by name.
 RECIPES = {recipe.num_image_tokens: recipe for recipe in (SMALL, DEEP)}
-RECIPES_BY_NAME = {recipe.name: recipe for recipe in (SMALL, LLAVA15_SCALE, DEEP)}
+RECIPES_BY_NAME = {recipe.name: recipe for recipe in (SMALL, LLAVA15_SCALE, DEEP, DEEP_GROWN)}
 # The 36-token target's names, kept for its tests and tools.
 PATCH_SIZE = SMALL.patch_size
 NUM_IMAGE_TOKENS = SMALL.num_image_tokens
@@ -189,6 +211,21 @@ def build_demo_target(seed: int = 0, recipe: TargetRecipe = SMALL):
         num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def load_base_target(recipe_name: str, base_dir: Path | None = None):
+    """A built target of recipe `recipe_name` (default: the shipped one, `vispec_vllm/demo/models/<name>`)
+    in float32, and its processor: where a recipe grown from it starts."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vispec_vllm.demo.models import DEMO_DIR
+
+    base_dir = base_dir or DEMO_DIR / recipe_name
+    if not (base_dir / "config.json").exists():
+        raise FileNotFoundError(f"{base_dir}: the base target `{recipe_name}` is not built; `vispec-vllm build-demo` "
+                                "builds it before the target grown from it")
+    model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(base_dir)
 
 
 def encode_conversation(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -297,7 +334,7 @@ def _checkpoint(model, probe, optimizer, processor, recipe: TargetRecipe, out_di
     state_path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(
         model=model.state_dict(),
-        probe=probe.state_dict(),
+        probe=probe.state_dict() if probe else {},
         optimizer=_compact_optimizer_state(optimizer),
         step=step,
         seen=seen,
@@ -309,7 +346,7 @@ def _checkpoint(model, probe, optimizer, processor, recipe: TargetRecipe, out_di
 
 
 def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: int = 0,
-                      recipe: TargetRecipe = SMALL, threads: int = 1) -> Path:
+                      recipe: TargetRecipe = SMALL, threads: int = 1, base_dir: Path | None = None) -> Path:
     """Train the demo target for `minutes` of wall time in total (default: the recipe's), resuming a
     checkpoint in `out_dir` if there is one; save it to `out_dir` and return that path.
 
@@ -320,24 +357,33 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
       the `PatchProbe` targets (an image costs a fraction of a conversation, so they see many);
     - then the whole model learns the conversations (cross-entropy on the assistant's tokens only),
       with the probe's loss kept on the image tokens.
+    A grown recipe (`recipe.grown_from`) starts from its base's target in `base_dir` (default: the
+    shipped one) and trains the conversations alone, on the training scenes after the base's.
     One thread by default, so that another job can use the other core.
     """
     started = time.monotonic()
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     budget = (recipe.default_minutes if minutes is None else minutes) * 60.0
-    model, processor = build_demo_target(seed, recipe)
-    probe = PatchProbe(TEXT_DIMS["hidden_size"], recipe.scenes.PROBE_CLASSES)
+    if recipe.grown_from:
+        model, processor = load_base_target(recipe.grown_from, base_dir)
+        probe = None
+        seen_before = RECIPES_BY_NAME[recipe.grown_from].training_examples
+    else:
+        model, processor = build_demo_target(seed, recipe)
+        probe = PatchProbe(TEXT_DIMS["hidden_size"], recipe.scenes.PROBE_CLASSES)
+        seen_before = 0
     image_tokens: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, output: image_tokens.append(output))
-    parameters = [*model.parameters(), *probe.parameters()]
+    parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
     optimizer = torch.optim.AdamW(parameters, lr=PEAK_LR, betas=(0.9, 0.98), weight_decay=0.01)
-    step, seen = 0, 0
+    step, seen = 0, seen_before
     state_path = out_dir / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
-        probe.load_state_dict(state["probe"])
+        if probe:
+            probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         step, seen = state["step"], state["seen"]
         started -= state["elapsed"]
@@ -383,31 +429,33 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(elapsed)
         image_tokens.clear()
-        if in_vision_warmup(elapsed):
-            batch_scenes = [recipe.scenes.make_scene(next(seeds)) for _ in range(recipe.vision_batch_size)]
-            pixels, probe_targets = _images(processor, recipe, batch_scenes)
-            model.model.get_image_features(pixel_values=pixels)
-            loss, count = None, len(batch_scenes)
-        else:
-            examples = [recipe.scenes.training_example(next(seeds)) for _ in range(recipe.batch_size)]
-            batch = _batch(processor, recipe, examples)
-            probe_targets = batch.pop("probe_targets")
-            loss, count = model(**batch).loss, len(examples)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        features = image_tokens[0]
-        probe_loss = probe.loss(features.view(len(probe_targets), -1, features.shape[-1]), probe_targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+            if in_vision_warmup(elapsed):
+                batch_scenes = [recipe.scenes.make_scene(next(seeds)) for _ in range(recipe.vision_batch_size)]
+                pixels, probe_targets = _images(processor, recipe, batch_scenes)
+                model.model.get_image_features(pixel_values=pixels)
+                loss, count = None, len(batch_scenes)
+            else:
+                examples = [recipe.scenes.training_example(next(seeds)) for _ in range(recipe.batch_size)]
+                batch = _batch(processor, recipe, examples)
+                probe_targets = batch.pop("probe_targets")
+                loss, count = model(**batch).loss, len(examples)
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            features = image_tokens[0]
+            probe_loss = (probe.loss(features.view(len(probe_targets), -1, features.shape[-1]), probe_targets)
+                          if probe else None)
         optimizer.zero_grad(set_to_none=True)
-        (probe_loss if loss is None else loss + probe_loss).backward()
+        sum(part for part in (loss, probe_loss) if part is not None).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         step, seen = step + 1, seen + count
         progress.update(1 if recipe.steps else round(time.monotonic() - started) - progress.n)
+        probe_text = f", probe {probe_loss.item():.4f}" if probe else ""
         progress.set_postfix_str(f"step {step}, " + ("vision warm-up" if loss is None else
-                                 f"loss {loss.item():.3f} (avg {running:.3f})") + f", probe {probe_loss.item():.3f}",
-                                 refresh=False)
+                                 f"loss {loss.item():.3f} (avg {running:.3f})") + probe_text, refresh=False)
         if step % 50 == 0:
             text = "vision warm-up" if loss is None else f"loss {loss.item():.4f}  avg {running:.4f}"
-            progress.write(f"step {step:5d}  {elapsed / 60:5.1f} min  {text}  probe {probe_loss.item():.4f}")
+            progress.write(f"step {step:5d}  {elapsed / 60:5.1f} min  {text}{probe_text}")
         if time.monotonic() - last_checkpoint > CHECKPOINT_EVERY_S:
             _checkpoint(model, probe, optimizer, processor, recipe, out_dir, step, seen, time.monotonic() - started)
             last_checkpoint = time.monotonic()
