@@ -216,7 +216,7 @@ def build_demo_target(seed: int = 0, recipe: TargetRecipe = SMALL):
 def load_base_target(recipe_name: str, base_dir: Path | None = None):
     """A built target of recipe `recipe_name` (default: the shipped one, `vispec_vllm/demo/models/<name>`)
     in float32, and its processor: where a recipe grown from it starts."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from vispec_vllm.demo.models import DEMO_DIR
 
@@ -224,8 +224,11 @@ def load_base_target(recipe_name: str, base_dir: Path | None = None):
     if not (base_dir / "config.json").exists():
         raise FileNotFoundError(f"{base_dir}: the base target `{recipe_name}` is not built; `vispec-vllm build-demo` "
                                 "builds it before the target grown from it")
-    model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
-    return model, AutoProcessor.from_pretrained(base_dir)
+    # Built as the base was, then given its weights: the grown target's config and processor files
+    # are the base's, not what from_pretrained adds to them (a float32 dtype beside fp16 weights).
+    model, processor = build_demo_target(recipe=RECIPES_BY_NAME[recipe_name])
+    model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32).state_dict())
+    return model, processor
 
 
 def encode_conversation(processor, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -5,6 +5,8 @@ build-demo DIR` reproduces them.
 - 576 image tokens per image (LLaVA-1.5's count; `vispec_vllm.demo.rich_scenes`): the default
   pair, target `scene-llava-deep` (16 decoder layers against the draft's one), with drafts
   `vispec` and `eagle` (EAGLE-style on the same target-generated data, same budget).
+- `scene-llava-deep-grown`: `scene-llava-deep` trained on for 3,000 steps (docs/experiments.md),
+  a target without drafts yet, not a pair.
 - 36 image tokens per image (`vispec_vllm.demo.scenes`): the first demo pair, which most engine
   tests use because it is fast.
 """
