@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vispec_vllm.demo.build import DONE_MARKER, _trained_budget, forget_derived, target_trained
-from vispec_vllm.demo.target import DEEP, LR_WARMUP_FRACTION, PEAK_LR, SMALL, _learning_rate
+from vispec_vllm.demo.target import DEEP, DEEP_GROWN, LR_WARMUP_FRACTION, PEAK_LR, SMALL, _learning_rate
 
 WITHOUT_RESTART = replace(DEEP, restart=None)
 
@@ -61,21 +61,21 @@ def test_a_target_given_more_steps_trains_on_and_forgets_what_was_made_from_it(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [DEEP.name]
 
 
-GROWN = replace(DEEP, name="grown", steps=(0, 3000), restart=None, grown_from=DEEP.name, peak_lr=3e-4)
-
-
 def test_a_grown_target_draws_training_scenes_after_its_base():
     vision_steps, conversation_steps = DEEP.steps
     base_examples = vision_steps * DEEP.vision_batch_size + (conversation_steps + DEEP.restart[0]) * DEEP.batch_size
     assert DEEP.training_examples == base_examples
-    assert GROWN.training_examples == base_examples + 3000 * GROWN.batch_size
+    assert DEEP_GROWN.training_examples == base_examples + 3000 * DEEP_GROWN.batch_size
+    with pytest.raises(ValueError, match="time budget"):
+        replace(DEEP_GROWN, grown_from=SMALL.name).training_examples  # noqa: B018
 
 
 def test_a_grown_target_warms_up_to_its_own_peak_and_decays_to_the_floor():
-    schedule = [GROWN.learning_rate(step) for step in range(GROWN.total_steps + 1)]
-    assert schedule[0] < 0.1 * GROWN.peak_lr
-    assert max(schedule) == pytest.approx(GROWN.peak_lr)
-    assert GROWN.learning_rate(round(LR_WARMUP_FRACTION * GROWN.total_steps)) == pytest.approx(GROWN.peak_lr)
+    schedule = [DEEP_GROWN.learning_rate(step) for step in range(DEEP_GROWN.total_steps + 1)]
+    assert schedule[0] < 0.1 * DEEP_GROWN.peak_lr
+    assert max(schedule) == pytest.approx(DEEP_GROWN.peak_lr)
+    warmed_up = round(LR_WARMUP_FRACTION * DEEP_GROWN.total_steps)
+    assert DEEP_GROWN.learning_rate(warmed_up) == pytest.approx(DEEP_GROWN.peak_lr)
     assert schedule[-1] == pytest.approx(0.05 * PEAK_LR)
 
 

@@ -115,9 +115,8 @@ class TargetRecipe:
     def training_examples(self) -> int:
         """The training seeds a step budget draws, its base's included: one per image of the vision
         warm-up and one per conversation (a grown target starts the stream after its base's)."""
-        vision_steps, conversation_steps = self.steps
-        conversation_steps += self.restart[0] if self.restart else 0
-        own = vision_steps * self.vision_batch_size + conversation_steps * self.batch_size
+        vision_steps = self.steps[0] if self.steps else 0  # a time budget: total_steps says so
+        own = vision_steps * self.vision_batch_size + (self.total_steps - vision_steps) * self.batch_size
         return own + (RECIPES_BY_NAME[self.grown_from].training_examples if self.grown_from else 0)
 
     @property
@@ -444,9 +443,8 @@ def train_demo_target(out_dir: str | Path, minutes: float | None = None, seed: i
                 probe_targets = batch.pop("probe_targets")
                 loss, count = model(**batch).loss, len(examples)
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            features = image_tokens[0]
-            probe_loss = (probe.loss(features.view(len(probe_targets), -1, features.shape[-1]), probe_targets)
-                          if probe else None)
+            probe_loss = (probe.loss(image_tokens[0].view(len(probe_targets), -1, image_tokens[0].shape[-1]),
+                                     probe_targets) if probe else None)
         optimizer.zero_grad(set_to_none=True)
         sum(part for part in (loss, probe_loss) if part is not None).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
