@@ -3,7 +3,7 @@ prompts and on text-only prompts. Writes benchmarks/results/acceptance.json and 
 
     python benchmarks/acceptance.py                      # the 36-token demo pair and its drafts
     python benchmarks/acceptance.py --image-tokens 576 --prompt-kinds image --ks 1 2 3 4 5 6 7 --num-requests 24 \
-        --max-tokens 448                                 # the default pair (acceptance_scene-llava-deep.json)
+        --max-tokens 448                                 # the default pair (acceptance_<target>.json)
     python benchmarks/acceptance.py --target DIR --draft vispec=DIR --draft eagle=DIR [--ks 1 2 3]
 
 Image prompts are held-out scenes (on rich scenes, in held-out layouts; some compare two images).

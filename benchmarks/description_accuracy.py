@@ -1,7 +1,7 @@
 """How correctly a shipped demo target describes held-out scenes.
 
-    python benchmarks/description_accuracy.py --image-tokens 576   # the default pair's target, scene-llava-deep:
-                                                   # writes description_accuracy_scene-llava-deep.json
+    python benchmarks/description_accuracy.py --image-tokens 576   # the default pair's target, scene-llava-deep-grown:
+                                                   # writes description_accuracy_scene-llava-deep-grown.json
     python benchmarks/description_accuracy.py --image-tokens 36    # writes description_accuracy.json
     python benchmarks/description_accuracy.py --recipe NAME --target DIR   # any recipe's target
 

@@ -1,9 +1,9 @@
 """The shipped demo pairs (vispec_vllm/demo/models), at 36 and at 576 image tokens per image:
 speculation is lossless on held-out prompts (one image, and on the 576 pair two images), the
-trained ViSpec draft is accepted at the rate measured for it, and, on the 36-token pair, above the
-same draft with its vision adaptor's output held at zero (same weights otherwise: what the adaptor
-contributes), on the same prompts; the 576 target (scene-llava-deep) describes held-out scenes as
-well as measured."""
+trained ViSpec draft is accepted at the rate measured for it, and above the same draft with its
+vision adaptor's output held at zero (same weights otherwise: what the adaptor contributes), on the
+same prompts; the 576 target (scene-llava-deep-grown) describes held-out
+scenes as well as measured."""
 
 from __future__ import annotations
 
@@ -37,19 +37,13 @@ CASES = {
     # Measured 1 + 366 accepted / 136 drafts = 3.69 (positions 1..3: 133, 122, 111 accepted); with the
     # adaptor zeroed 3.35.
     36: PairCase(36, num_prompts=8, max_tokens=128, k=3, min_mean_acceptance_length=3.65),
-    # scene-llava-deep: measured 4.75 on 4 descriptions and a comparison of held-out layouts (ViSpec
-    # with its adaptor zeroed 4.78; the draft before the shipped budget grew, 3.81).
-    576: PairCase(576, num_prompts=5, max_tokens=192, k=5, min_mean_acceptance_length=4.70),
+    # scene-llava-deep-grown: measured 5.06 on 4 descriptions and a comparison of held-out layouts
+    # (ViSpec with its adaptor zeroed 4.98; on scene-llava-deep, the default target before, 4.75).
+    576: PairCase(576, num_prompts=5, max_tokens=192, k=5, min_mean_acceptance_length=5.00),
 }
-# Where the adaptor is measured to raise acceptance on these prompts. On scene-llava-deep it does not
-# (4.75 against 4.78 zeroed): the image reaches its draft through the target's hidden states at the
-# text rows (docs/experiments.md, the regime experiment); there only the zeroed draft's losslessness
-# is checked.
-ADAPTOR_RAISES_ACCEPTANCE = {36: True, 576: False}
-
-
-MIN_PLACED_RATE_576 = 0.7
-MIN_FULLY_RIGHT_RATE_576 = 0.5
+# Measured 24 of 25 objects placed and 20 of 25 fully right; each floor allows one object fewer.
+MIN_PLACED_RATE_576 = 0.92
+MIN_FULLY_RIGHT_RATE_576 = 0.76
 
 
 @dataclass
@@ -115,19 +109,18 @@ def test_vispec_demo_draft_is_lossless_and_accepted(pair):
 
 
 def test_the_adaptor_raises_acceptance(pair):
-    """With these prompts: measured 3.69 against 3.35 with the adaptor zeroed (36 tokens). The zeroed
-    draft stays lossless on both pairs."""
+    """With these prompts: measured 3.69 against 3.35 with the adaptor zeroed (36 tokens), and 5.06
+    against 4.98 (576: a small margin; on scene-llava-deep, the 576 target before, the adaptor did not
+    raise it, 4.75 against 4.78). The zeroed draft is lossless too."""
     outputs, zeroed = speculate(pair, "vispec-adaptor-zeroed")
     assert outputs == pair.baseline
-    if not ADAPTOR_RAISES_ACCEPTANCE[pair.case.image_tokens]:
-        pytest.skip("on scene-llava-deep the adaptor is not measured to raise acceptance (4.75 against 4.78)")
     _, with_adaptor = speculate(pair, "vispec")
     assert with_adaptor > zeroed, (with_adaptor, zeroed)
 
 
 def test_the_576_target_describes_held_out_scenes(pair):
     """Held-out descriptions (vLLM, no speculation) name objects at their places, and give their size
-    and number label (benchmarks/results/description_accuracy_scene-llava-deep.json)."""
+    and number label (benchmarks/results/description_accuracy_scene-llava-deep-grown.json)."""
     if pair.case.image_tokens != 576:
         pytest.skip("the 36-token target's accuracy is measured by benchmarks/description_accuracy.py")
     from transformers import AutoTokenizer
@@ -142,7 +135,6 @@ def test_the_576_target_describes_held_out_scenes(pair):
             placed += accuracy.named_in_place
             fully_right += accuracy.fully_right
             total += len(scenes_[0].objects)
-    # Measured 19 of 25 placed, 14 of 25 fully right: an object whose sentence lies past the
-    # max_tokens cut counts as missed.
+    # An object whose sentence lies past the max_tokens cut counts as missed.
     assert total and placed / total >= MIN_PLACED_RATE_576, (placed, total)
     assert fully_right / total >= MIN_FULLY_RIGHT_RATE_576, (fully_right, total)

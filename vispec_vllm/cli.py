@@ -119,19 +119,20 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--zero-adaptor", action="store_true", help="ablation: hold the adaptor output at zero")
     train.add_argument("--seed", type=int, default=0)
     build = sub.add_parser("build-demo", help="rebuild a demo target and its vispec and eagle drafts (the default "
-                           "576-token pair: target 316 min, records 13 min, drafts 20 min on 2 cores; resumable: "
-                           "run it again after an interruption)")
+                           "576-token pair on 2 cores: target 126 min, trained on from the shipped scene-llava-deep "
+                           "(316 min more where OUT_DIR and the package lack it), records 13 min, drafts 20 min; "
+                           "resumable: run it again after an interruption)")
     build.add_argument("out_dir", type=Path)
     build.add_argument("--image-tokens", type=int, default=576, choices=[36, 576])
     build.add_argument("--recipe", choices=["scene-llava", "scene-llava-576", "scene-llava-deep",
                                             "scene-llava-deep-grown"],
-                       help="a target recipe by name (overrides --image-tokens; 576 is scene-llava-deep: 16 decoder "
-                       "layers, 8,000 + 4,000 training steps and a 2,000-step restart; scene-llava-576 is the "
-                       "earlier 4-layer target; scene-llava-deep-grown, an experiment, trains the shipped "
-                       "scene-llava-deep on for 3,000 steps)")
+                       help="a target recipe by name (overrides --image-tokens; 576 is scene-llava-deep-grown: "
+                       "scene-llava-deep trained on for 3,000 steps; scene-llava-deep has 16 decoder layers, "
+                       "8,000 + 4,000 training steps and a 2,000-step restart; scene-llava-576 is the earlier "
+                       "4-layer target)")
     build.add_argument("--target-minutes", type=float, default=None,
-                       help="default: the recipe's (12 for 36, 65 for scene-llava-576); scene-llava-deep trains to a "
-                       "step budget instead")
+                       help="default: the recipe's (12 for 36, 65 for scene-llava-576); the deep targets train to "
+                       "a step budget instead")
     args = parser.parse_args(argv)
     {"tiny-models": _tiny_models, "demo": _demo, "train": _train, "build-demo": _build_demo}[args.command](args)
 

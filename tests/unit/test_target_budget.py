@@ -105,6 +105,12 @@ def test_a_grown_target_trains_on_from_its_base_and_resumes(tmp_path, monkeypatc
     state = torch.load(out / target_module.STATE_FILE, weights_only=True)
     assert state["step"] == 2 and state["seen"] == base_examples + 2 * grown.batch_size
 
+    # Run again with its budget spent: nothing trains, and the recorded training time stays.
+    target_module.train_demo_target(out, recipe=replace(grown, steps=(0, 2)), base_dir=DEMO_TARGET)
+    again = torch.load(out / target_module.STATE_FILE, weights_only=True)
+    assert again["step"] == 2 and again["elapsed"] == state["elapsed"]
+    assert all(torch.equal(again["model"][name], weight) for name, weight in state["model"].items())
+
 
 def test_a_grown_target_names_a_missing_base(tmp_path):
     from vispec_vllm.demo.target import train_demo_target

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vispec_vllm.demo.target import DEEP, RECIPES_BY_NAME, TargetRecipe
+from vispec_vllm.demo.target import DEEP_GROWN, RECIPES_BY_NAME, TargetRecipe
 
 if TYPE_CHECKING:
     from vispec_vllm.training.train import TrainConfig
@@ -259,7 +259,7 @@ def train_drafts_side_by_side(recipe: TargetRecipe, target: Path, work: Path, se
                            "to resume")
 
 
-def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP, target_minutes: float | None = None,
+def build_demo(out_dir: str | Path, recipe: TargetRecipe = DEEP_GROWN, target_minutes: float | None = None,
                seed: int = 0) -> dict[str, Path]:
     """Train the target and the shipped drafts of one seed; export fp16 copies named as shipped."""
     out_dir = Path(out_dir)
