@@ -267,6 +267,14 @@ class MeasuredStepTimes:
     gauged by one K, the K in force (`follow`): `gauge_seconds` is its running mean, and every
     other K keeps its step time *relative* to the gauge when it was timed. A uniform change of
     speed moves every K's estimate alike and changes no choice; a probe re-measures its K's ratio.
+
+    A bucket past 4 spans several batch sizes, and its steps are scaled to the largest by the cost
+    model's ratio, which is only as right as the model's cost per request. So a probe's step is
+    compared with the gauge's mean at the probe's own batch size (`gauge_at_batch`), once the gauge
+    has been timed there: the scaling then cancels out of the ratio, whatever batch the probe
+    lands on. (In the deep demo pair's server at concurrency 16, probes compared with the bucket's
+    mean put K = 3 at 0.64x K = 5's step time, where servers at fixed K = 3 and 5 had ITLs 0.83x
+    apart, and the schedule drafted 4 tokens a step where K = 5 was as fast as any.)
     """
 
     # Per (bucket, K): step seconds over the bucket's gauge seconds (1.0 for the gauging K).
@@ -275,6 +283,8 @@ class MeasuredStepTimes:
     pauses_in_a_row: dict[tuple[int, int], int] = field(default_factory=dict)
     gauge_k: dict[int, int] = field(default_factory=dict)  # per bucket: the K whose steps gauge its speed
     gauge_seconds: dict[int, float] = field(default_factory=dict)  # per bucket: that K's running mean
+    # Per (bucket, batch size): the gauging K's running mean there and its samples.
+    gauge_at_batch: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
     follow_k: dict[int, int] = field(default_factory=dict)  # per bucket: the K to gauge with once timed
     timed_steps: dict[int, int] = field(default_factory=dict)  # per bucket: steady steps timed
     last_timed: dict[tuple[int, int], int] = field(default_factory=dict)  # per (bucket, K): timed_steps then
@@ -306,7 +316,22 @@ class MeasuredStepTimes:
         for key in self.relative:
             if key[0] == bucket:
                 self.relative[key] /= factor
+        for key, (seconds, count) in self.gauge_at_batch.items():
+            if key[0] == bucket:
+                self.gauge_at_batch[key] = (seconds * factor, count)
         self.gauge_k[bucket] = k
+
+    def _gauge_seconds_at(self, bucket: int, batch: int) -> float:
+        """What a gauge step takes at this batch size (the bucket's mean until timed there enough)."""
+        seconds, count = self.gauge_at_batch.get((bucket, batch), (0.0, 0))
+        return seconds if count >= MIN_STEADY_SAMPLES else self.gauge_seconds[bucket]
+
+    def _observe_gauge_at(self, bucket: int, batch: int, seconds: float, weight: float) -> None:
+        """A gauge step at this batch size, with the weight it had in the bucket's mean (or more, while
+        the batch size has had fewer samples): in a bucket of one batch size the two means agree."""
+        mean, count = self.gauge_at_batch.get((bucket, batch), (seconds, 0))
+        weight = max(weight, 1.0 / (count + 1))
+        self.gauge_at_batch[(bucket, batch)] = (mean + weight * (seconds - mean), count + 1)
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         bucket = batch_bucket(batch)
@@ -328,10 +353,12 @@ class MeasuredStepTimes:
         if bucket not in self.gauge_seconds:  # the bucket's first timed step: its K gauges for now
             self.gauge_k[bucket], self.gauge_seconds[bucket] = k, seconds
             self.relative[key] = 1.0
+            self._observe_gauge_at(bucket, batch, seconds, 1.0)
         elif k == self.gauge_k[bucket]:
             self.gauge_seconds[bucket] += weight * (seconds - self.gauge_seconds[bucket])
+            self._observe_gauge_at(bucket, batch, seconds, weight)
         else:
-            ratio = seconds / self.gauge_seconds[bucket]
+            ratio = seconds / self._gauge_seconds_at(bucket, batch)
             self.relative[key] = ratio if count == 0 else self.relative[key] + weight * (ratio - self.relative[key])
         self.samples[key] = count + 1
         self.timed_steps[bucket] = self.last_timed[key] = self.timed_steps.get(bucket, 0) + 1

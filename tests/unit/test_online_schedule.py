@@ -388,3 +388,24 @@ def test_step_times_are_kept_at_the_bucket_s_largest_batch():
     # Buckets 1-4 hold one batch size each: nothing to scale.
     schedule.record_step(3, 2, 0.02)
     assert schedule.times.mean_seconds(3, 2) == pytest.approx(0.02)
+
+
+def test_a_probe_is_compared_with_the_gauge_at_its_own_batch_size():
+    """Steps in a bucket of several batch sizes are scaled to its largest by the cost model, here
+    one that puts a request's cost at about 0.6x what it is. The K in force is timed at every batch
+    of the bucket; a probe lands on whatever batch the traffic has then, here the bucket's smallest,
+    where the scaling reads every step 11% cheap. Compared with the bucket's mean, K = 3 came out
+    at 0.83x K = 5's step time (0.91x in truth); compared with the K in force at the probe's own
+    batch size, the scaling cancels (0.93x)."""
+    schedule = OnlineSchedule(MAX_K, deep_pair_model)
+    for _ in range(40):  # the K in force at the crest and in the trough
+        for batch in (16, 16, 16, 9):
+            schedule.record_step(batch, 5, deep_pair_step(batch, 5))
+    for _ in range(PROBE_STEPS - 1):  # a probe of K = 3 in the trough
+        schedule.record_step(9, 3, deep_pair_step(9, 3))
+    times, bucket = schedule.times, batch_bucket(16)
+    measured = times.mean_seconds(bucket, 3) / times.mean_seconds(bucket, 5)
+    true = deep_pair_step(16, 3) / deep_pair_step(16, 5)
+    # What is left: the model's ratio of batch 16 to batch 9 differs a little between K = 3 and K = 5.
+    assert measured == pytest.approx(true, rel=0.03), (measured, true)
+
