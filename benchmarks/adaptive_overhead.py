@@ -21,7 +21,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, spread, write_json
+
 SCRIPTED_KS = [5, 3, 0, 4, 2, 5, 1, 5, 3, 4]
 STRETCH = 24
 PROMPTS = 6
@@ -35,7 +36,7 @@ def run_one(mode: str) -> dict:
     os.environ["VISPEC_VLLM_ADAPTIVE"] = "0" if mode == "fixed" else "1"
     from vispec_vllm import speculation_schedule
 
-    steps: list[tuple[float, int, bool, list[str]]] = []
+    steps: list[speculation_schedule.ScheduledStep] = []
     scheduled = {"steps": 0}
     if mode != "fixed":
         pattern = [5] if mode == "held5" else SCRIPTED_KS
@@ -48,7 +49,7 @@ def run_one(mode: str) -> dict:
         original = speculation_schedule.OnlineSchedule.step_scheduled
 
         def step_scheduled(self, step) -> None:
-            steps.append((step.started, step.k, step.decode_only, sorted(step.request_ids)))
+            steps.append(step)
             original(self, step)
 
         speculation_schedule.AdaptiveSchedule.step_k = step_k
@@ -80,14 +81,14 @@ def run_one(mode: str) -> dict:
         # A steady step: decode-only, the same request as the steps on both sides.
         by_k_since = defaultdict(list)
         for i in range(1, len(steps) - 1):
-            start, k, decode_only, ids = steps[i]
-            if not decode_only or ids != steps[i - 1][3] or ids != steps[i + 1][3]:
+            step, k = steps[i], steps[i].k
+            if not step.decode_only or not steps[i - 1].request_ids == step.request_ids == steps[i + 1].request_ids:
                 continue
             first = i
-            while first > 0 and steps[first - 1][1] == k:
+            while first > 0 and steps[first - 1].k == k:
                 first -= 1
             since = i - first
-            by_k_since[(k, "0-7" if since < 8 else "8+")].append(steps[i + 1][0] - start)
+            by_k_since[(k, "0-7" if since < 8 else "8+")].append(steps[i + 1].started - step.started)
         result["step_ms"] = {f"K={k} steps {since} after a change": round(1e3 * statistics.median(v), 2)
                              for (k, since), v in sorted(by_k_since.items())}
         result["steps_timed"] = {f"K={k} steps {since} after a change": len(v)
@@ -117,16 +118,15 @@ def main() -> None:
         pair = {mode: in_a_process(mode) for mode in order}
         runs.append({"fixed_s": pair["fixed"]["wall_s"], "held5_s": pair["held5"]["wall_s"],
                      "held5_over_fixed": pair["held5"]["wall_s"] / pair["fixed"]["wall_s"]})
-    ratios = [r["held5_over_fixed"] for r in runs]
+    lowest, median, highest = spread([r["held5_over_fixed"] for r in runs])
     scripted = in_a_process("scripted")
     report = {"pair": "scene-llava-deep-grown + scene-llava-deep-grown-vispec",
               "method": __doc__.split("\n\n")[0].replace("\n", " "),
               "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "runs": runs,
-              "held5_over_fixed": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+              "held5_over_fixed": {"median": median, "min": lowest, "max": highest},
               "scripted_step_ms": scripted["step_ms"], "scripted_steps_timed": scripted["steps_timed"]}
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"load-adaptive held at K=5 over fixed K=5: {statistics.median(ratios):.3f} "
-          f"({min(ratios):.3f}-{max(ratios):.3f}); wrote {args.out}")
+    write_json(report, args.out)
+    print(f"load-adaptive held at K=5 over fixed K=5: {median:.3f} ({lowest:.3f}-{highest:.3f}); wrote {args.out}")
 
 
 if __name__ == "__main__":

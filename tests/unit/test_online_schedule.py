@@ -408,4 +408,3 @@ def test_a_probe_is_compared_with_the_gauge_at_its_own_batch_size():
     true = deep_pair_step(16, 3) / deep_pair_step(16, 5)
     # What is left: the model's ratio of batch 16 to batch 9 differs a little between K = 3 and K = 5.
     assert measured == pytest.approx(true, rel=0.03), (measured, true)
-
