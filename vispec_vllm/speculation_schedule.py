@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -226,6 +227,13 @@ PROBE_LOSS_BUDGET = 0.005  # share of tokens/s that probing one far-behind K may
 MAX_REGRET_INTERVAL = 4 * MAX_PROBE_INTERVAL  # even the furthest-behind K is probed this often
 SWITCH_MARGIN = 0.01  # a new K must promise this much more tokens/s than the K in force
 REFIT_EVERY = 8  # new steady samples in a bucket before its K is chosen again
+# A probe's step counts only if the gauge's steps within LOCAL_WINDOW_STEPS step durations (its own
+# or the gauge's, the longer) before or after it (at least LOCAL_REFERENCES of them) ran within
+# LOCAL_SPEED_TOLERANCE of the gauge's mean: see MeasuredStepTimes.
+LOCAL_WINDOW_STEPS = 16
+LOCAL_REFERENCES = 3
+LOCAL_SPEED_TOLERANCE = 0.15
+RECENT_GAUGE_STEPS = 64  # gauge steps kept per bucket for that comparison
 
 
 def batch_bucket(batch: int) -> int:
@@ -275,6 +283,15 @@ class MeasuredStepTimes:
     lands on. (In the deep demo pair's server at concurrency 16, probes compared with the bucket's
     mean put K = 3 at 0.64x K = 5's step time, where servers at fixed K = 3 and 5 had ITLs 0.83x
     apart, and the schedule drafted 4 tokens a step where K = 5 was as fast as any.)
+
+    The gauge's mean follows the speed over tens of steps, not the speed of the moment: a probe
+    timed in a short spell of another speed reads its K wrong by the spell's factor. In the deep demo
+    pair's server, batch-1 steps in the tail of a loaded run (requests finishing, the server and the
+    client busy with them) took 1.5x the batch-1 steps at concurrency 1; in a longer run of that
+    server the schedule held K = 4 and 5 at 1.5-1.7x K = 3's batch-1 step time (1.1x between
+    servers at fixed K) and drafted 3 tokens where 5 were fastest. So a probe's step
+    waits until the gauge's steps around it are timed (`waiting`) and counts only if they ran at the
+    gauge's usual speed (`_settle`); the probe's verdict on the choice waits for it too.
     """
 
     # Per (bucket, K): step seconds over the bucket's gauge seconds (1.0 for the gauging K).
@@ -288,6 +305,12 @@ class MeasuredStepTimes:
     follow_k: dict[int, int] = field(default_factory=dict)  # per bucket: the K to gauge with once timed
     timed_steps: dict[int, int] = field(default_factory=dict)  # per bucket: steady steps timed
     last_timed: dict[tuple[int, int], int] = field(default_factory=dict)  # per (bucket, K): timed_steps then
+    # Per bucket: the gauge's last steps as (start time, batch, seconds), and probe steps waiting
+    # for the gauge's steps after them, as (start time, batch, K, seconds, whether K's mean starts
+    # again from it).
+    recent_gauge: dict[int, deque[tuple[float, int, float]]] = field(default_factory=dict)
+    waiting: dict[int, list[tuple[float, int, int, float, bool]]] = field(default_factory=dict)
+    unreferenced_probe_steps: int = 0  # probe steps left out: timed in a spell of another speed
 
     def mean_seconds(self, bucket: int, k: int) -> float:
         """K's step seconds at the bucket's current speed."""
@@ -320,6 +343,9 @@ class MeasuredStepTimes:
             if key[0] == bucket:
                 self.gauge_at_batch[key] = (seconds * factor, count)
         self.gauge_k[bucket] = k
+        # Waiting probe steps and the neighbours they wait for were timed against the old gauge.
+        self.waiting.pop(bucket, None)
+        self.recent_gauge.pop(bucket, None)
 
     def _gauge_seconds_at(self, bucket: int, batch: int) -> float:
         """What a gauge step takes at this batch size (the bucket's mean until timed there enough)."""
@@ -333,7 +359,9 @@ class MeasuredStepTimes:
         weight = max(weight, 1.0 / (count + 1))
         self.gauge_at_batch[(bucket, batch)] = (mean + weight * (seconds - mean), count + 1)
 
-    def observe(self, batch: int, k: int, seconds: float) -> None:
+    def observe(self, batch: int, k: int, seconds: float, at: float | None = None) -> None:
+        """A steady step of `seconds` at K that started at `at` (time.perf_counter seconds). With a
+        start time, a probe's step waits for the gauge's steps around it (see `_settle`)."""
         bucket = batch_bucket(batch)
         key = (bucket, k)
         count = self.samples.get(key, 0)
@@ -345,25 +373,70 @@ class MeasuredStepTimes:
         self.pauses_in_a_row[key] = 0
         if count and seconds * PAUSE_FACTOR < self.mean_seconds(bucket, k):
             count = 0
-        # A plain mean for the first samples, then a running mean that follows drift. Samples
-        # count for less as they age (half per STALE_HALF_LIFE steps timed in the bucket), so the
-        # first step of a probe after a long gap replaces much of a stale mean instead of nudging it.
-        fresh_count = count * self.freshness(bucket, k)
-        weight = 1.0 if count == 0 else max(1.0 / (fresh_count + 1), STEP_TIME_WEIGHT)
         if bucket not in self.gauge_seconds:  # the bucket's first timed step: its K gauges for now
             self.gauge_k[bucket], self.gauge_seconds[bucket] = k, seconds
             self.relative[key] = 1.0
             self._observe_gauge_at(bucket, batch, seconds, 1.0)
+            self._count(bucket, k, count)
         elif k == self.gauge_k[bucket]:
+            weight = self._weight(bucket, k, count)
             self.gauge_seconds[bucket] += weight * (seconds - self.gauge_seconds[bucket])
             self._observe_gauge_at(bucket, batch, seconds, weight)
+            self._count(bucket, k, count)
+        elif at is not None and self.follow_k.get(bucket) != k:  # a probe: compared when its neighbours are in
+            restart = count == 0 < self.samples.get(key, 0)  # its mean starts again from this step
+            self.waiting.setdefault(bucket, []).append((at, batch, k, seconds, restart))
         else:
-            ratio = seconds / self._gauge_seconds_at(bucket, batch)
-            self.relative[key] = ratio if count == 0 else self.relative[key] + weight * (ratio - self.relative[key])
-        self.samples[key] = count + 1
-        self.timed_steps[bucket] = self.last_timed[key] = self.timed_steps.get(bucket, 0) + 1
+            self._observe_relative(bucket, k, count, seconds / self._gauge_seconds_at(bucket, batch))
+        if at is not None and bucket in self.gauge_k:
+            if k == self.gauge_k[bucket]:
+                self.recent_gauge.setdefault(bucket, deque(maxlen=RECENT_GAUGE_STEPS)).append((at, batch, seconds))
+            self._settle(bucket, at)
+
+    def _weight(self, bucket: int, k: int, count: int) -> float:
+        """A new sample's weight in K's mean: a plain mean for the first samples, then a running mean
+        that follows drift. Samples count for less as they age (half per STALE_HALF_LIFE steps timed
+        in the bucket), so the first step of a probe after a long gap replaces much of a stale mean
+        instead of nudging it."""
+        return 1.0 if count == 0 else max(1.0 / (count * self.freshness(bucket, k) + 1), STEP_TIME_WEIGHT)
+
+    def _count(self, bucket: int, k: int, count: int) -> None:
+        self.samples[(bucket, k)] = count + 1
+        self.timed_steps[bucket] = self.last_timed[(bucket, k)] = self.timed_steps.get(bucket, 0) + 1
+
+    def _observe_relative(self, bucket: int, k: int, count: int, ratio: float) -> None:
+        """A step of a K other than the gauge's, as its ratio to the gauge's step time."""
+        key = (bucket, k)
+        weight = self._weight(bucket, k, count)
+        self.relative[key] = ratio if count == 0 else self.relative[key] + weight * (ratio - self.relative[key])
+        self._count(bucket, k, count)
         if self.follow_k.get(bucket) == k != self.gauge_k[bucket]:
             self._rebase(bucket, k)
+
+    def _settle(self, bucket: int, now: float) -> None:
+        """Take each waiting probe step whose window has passed, if the gauge's steps inside the window
+        (at the probe's batch size where LOCAL_REFERENCES of them are) ran at the gauge's usual
+        speed: compared with the gauge's mean as any other step. One timed in a spell of another
+        speed, or with fewer steps of the gauge around it, is left out."""
+        waiting, recent = self.waiting.get(bucket), self.recent_gauge.get(bucket, ())
+        if not waiting:
+            return
+        still_waiting = []
+        for at, batch, k, seconds, restart in waiting:
+            window = LOCAL_WINDOW_STEPS * max(seconds, self.gauge_seconds[bucket])
+            if now - at <= window:
+                still_waiting.append((at, batch, k, seconds, restart))
+                continue
+            near = [(b, s) for t, b, s in recent if abs(t - at) <= window]
+            same_batch = [s for b, s in near if b == batch]
+            around = same_batch if len(same_batch) >= LOCAL_REFERENCES else [s for _, s in near]
+            usual = self._gauge_seconds_at(bucket, batch) if around is same_batch else self.gauge_seconds[bucket]
+            if len(around) >= LOCAL_REFERENCES and abs(sum(around) / len(around) / usual - 1) <= LOCAL_SPEED_TOLERANCE:
+                count = 0 if restart else self.samples.get((bucket, k), 0)
+                self._observe_relative(bucket, k, count, seconds / usual)
+            else:
+                self.unreferenced_probe_steps += 1
+        self.waiting[bucket] = still_waiting
 
     def measured(self, batch: int, max_k: int) -> dict[int, tuple[float, int]]:
         """K -> (mean seconds, samples) for the K's of this batch's bucket measured enough."""
@@ -420,6 +493,7 @@ class _BucketProbes:
     probe_k: int | None = None
     probe_steps_left: int = 0
     best_before_probe: int | None = None
+    ended_at: int | None = None  # `steps` when the last probe ended, while its steps wait to be compared
     steps: int = 0  # steps scheduled in the bucket
     probed_at: dict[int, int] = field(default_factory=dict)  # K -> `steps` when its last probe began
     # The gauge (K, seconds) when the last probe began: a drift past REPROBE_DRIFT since then
@@ -459,12 +533,13 @@ class OnlineSchedule:
     # Per learned bucket: expected tokens/s at K = 0..max_k when its K was last chosen.
     expected_rates: dict[int, list[float]] = field(default_factory=dict)
 
-    def record_step(self, batch: int, k: int, seconds: float) -> None:
-        """A steady step's seconds, kept as what it would have taken at its bucket's largest batch."""
+    def record_step(self, batch: int, k: int, seconds: float, at: float | None = None) -> None:
+        """A steady step's seconds, kept as what it would have taken at its bucket's largest batch;
+        `at`: when it started (time.perf_counter seconds)."""
         bucket = batch_bucket(batch)
         if bucket != batch:
             seconds *= self.predicted(bucket, k) / self.predicted(batch, k)
-        self.times.observe(batch, k, seconds)
+        self.times.observe(batch, k, seconds, at)
         if bucket not in self.measured_buckets and len(self.times.measured(batch, self.max_k)) >= 2:
             self.measured_buckets.add(bucket)
 
@@ -476,6 +551,8 @@ class OnlineSchedule:
             measured = ", ".join(f"K={k} {1e3 * self.times.mean_seconds(b, k):.1f} ms x{n}"
                                  for (b, k), n in sorted(self.times.samples.items()) if b == bucket)
             parts.append(f"batch {bucket_label(bucket)}: K={self.chosen.get(bucket, '-')} ({measured or 'unmeasured'})")
+        if self.times.unreferenced_probe_steps:
+            parts.append(f"{self.times.unreferenced_probe_steps} probe steps left out (another speed around them)")
         return "; ".join(parts) or "no step scheduled yet"
 
     def step_scheduled(self, step: ScheduledStep) -> None:
@@ -485,7 +562,7 @@ class OnlineSchedule:
         if len(self.recent_steps) == 2:
             before, last = self.recent_steps
             if last.decode_only and before.k == last.k and before.request_ids == last.request_ids == step.request_ids:
-                self.record_step(last.batch, last.k, step.started - last.started)
+                self.record_step(last.batch, last.k, step.started - last.started, last.started)
         self.recent_steps = [*self.recent_steps[-1:], step]
 
     def learned(self, bucket: int) -> bool:
@@ -550,11 +627,17 @@ class OnlineSchedule:
         best = self.best_k(batch, acceptance, default_k)
         if probes.probe_steps_left:
             probes.probe_steps_left -= 1
-            if probes.probe_steps_left == 0:  # probe over: back off if it confirmed the choice
-                confirmed = best == probes.best_before_probe
-                probes.interval = min(2 * probes.interval, MAX_PROBE_INTERVAL) if confirmed else FIRST_PROBE_INTERVAL
-                probes.steps_until_probe = probes.interval
+            if probes.probe_steps_left == 0:
+                probes.ended_at = probes.steps
             return probes.probe_k
+        if probes.ended_at is not None and not self.times.waiting.get(bucket):
+            # The last probe's steps are all compared: back off if they confirmed the choice.
+            confirmed = best == probes.best_before_probe
+            probes.interval = min(2 * probes.interval, MAX_PROBE_INTERVAL) if confirmed else FIRST_PROBE_INTERVAL
+            probes.steps_until_probe = probes.interval - (probes.steps - probes.ended_at)
+            probes.ended_at = None
+        elif probes.ended_at is not None:
+            return best
         gauge = self.times.gauge(bucket)
         if gauge is not None and probes.gauge_at_probe is not None and gauge[0] == probes.gauge_at_probe[0] \
                 and abs(gauge[1] / probes.gauge_at_probe[1] - 1) > REPROBE_DRIFT:

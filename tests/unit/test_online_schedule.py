@@ -5,6 +5,7 @@ concurrency, and one where it never pays. No engine."""
 from __future__ import annotations
 
 import random
+import statistics
 from collections import Counter
 
 import pytest
@@ -44,17 +45,34 @@ def tokens_per_second(true_step, batch: int, k: int) -> float:
     return batch * ACCEPTANCE(k) / true_step(batch, k)
 
 
+class SimulatedClock:
+    """The simulated servers' time: each step starts where the one before it ended."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def tick(self, step_seconds: float) -> float:
+        """The start of a step of `step_seconds`; the clock moves to its end."""
+        started, self.now = self.now, self.now + step_seconds
+        return started
+
+
+CLOCK = SimulatedClock()
+
+
 def serve(schedule: OnlineSchedule, true_step, batch: int, steps: int, noise: float = 0.3, seed: int = 0) -> float:
     """Run `steps` steps at a fixed batch size, timing each with multiplicative noise; only steady
-    steps (same K as the step before) are recorded, as the scheduler hook does. Tokens per second."""
+    steps (same K as the step before) are recorded, with their start times, as the scheduler hook
+    does. Tokens per second."""
     rng = random.Random(seed)
     tokens = seconds = 0.0
     previous_k = None
     for _ in range(steps):
         k = schedule.step_k(batch, ACCEPTANCE)
         step_seconds = true_step(batch, k) * (1 + rng.uniform(-noise, noise))
+        started = CLOCK.tick(step_seconds)
         if k == previous_k:
-            schedule.record_step(batch, k, step_seconds)
+            schedule.record_step(batch, k, step_seconds, started)
         previous_k = k
         tokens += batch * ACCEPTANCE(k)
         seconds += step_seconds
@@ -232,8 +250,10 @@ def serve_with_speed(schedule: OnlineSchedule, true_step, batch: int, steps: int
     previous_k, ks = None, []
     for _ in range(steps):
         k = schedule.step_k(batch, ACCEPTANCE)
+        step_seconds = speed * true_step(batch, k) * (1 + rng.uniform(-noise, noise))
+        started = CLOCK.tick(step_seconds)
         if k == previous_k:
-            schedule.record_step(batch, k, speed * true_step(batch, k) * (1 + rng.uniform(-noise, noise)))
+            schedule.record_step(batch, k, step_seconds, started)
         previous_k = k
         ks.append(k)
     return ks
@@ -308,8 +328,10 @@ def serve_new_ks_slow(schedule: OnlineSchedule, true_step, batch: int, steps: in
         k = schedule.step_k(batch, ACCEPTANCE)
         steps_at[k] += 1
         slow = slowdown if steps_at[k] <= slow_steps else 1.0
+        step_seconds = slow * true_step(batch, k) * (1 + rng.uniform(-0.1, 0.1))
+        started = CLOCK.tick(step_seconds)
         if k == previous_k:
-            schedule.record_step(batch, k, slow * true_step(batch, k) * (1 + rng.uniform(-0.1, 0.1)))
+            schedule.record_step(batch, k, step_seconds, started)
         previous_k = k
 
 
@@ -317,13 +339,16 @@ def serve_new_ks_slow(schedule: OnlineSchedule, true_step, batch: int, steps: in
 def test_a_k_first_timed_slow_is_timed_again(batch):
     """Every K is probed as often as what it loses pays for, not only the neighbours of the K in
     force: a K whose first steps ran twice as slow as its later ones is re-timed, and the schedule
-    ends within 5% of the best fixed K. Probing only the neighbours and K = 0 reached 0.95x, 0.91x
-    and 0.94x of it here."""
-    schedule = OnlineSchedule(MAX_K, pessimistic_model)
-    serve_new_ks_slow(schedule, drafting_pays_everywhere, batch, 3000, slow_steps=PROBE_STEPS, slowdown=2.0, seed=2)
+    ends within 5% of the best fixed K (median of three simulated servers: single runs spread by a
+    few percent). Probing only the neighbours and K = 0 reached 0.95x, 0.91x and 0.94x of it here."""
     fixed = {k: tokens_per_second(drafting_pays_everywhere, batch, k) for k in range(MAX_K + 1)}
-    achieved = serve(schedule, drafting_pays_everywhere, batch, 3000, noise=0.1, seed=12)
-    assert achieved >= 0.95 * max(fixed.values()), (achieved, fixed, schedule.summary())
+    achieved = []
+    for seed in (2, 3, 4):
+        schedule = OnlineSchedule(MAX_K, pessimistic_model)
+        serve_new_ks_slow(schedule, drafting_pays_everywhere, batch, 3000, slow_steps=PROBE_STEPS, slowdown=2.0,
+                          seed=seed)
+        achieved.append(serve(schedule, drafting_pays_everywhere, batch, 3000, noise=0.1, seed=seed + 10))
+    assert statistics.median(achieved) >= 0.95 * max(fixed.values()), (achieved, fixed)
 
 
 # The deep demo pair's shape, measured in-process: a step costs about 2 ms more per request, a draft
@@ -358,8 +383,9 @@ def serve_in_waves(schedule: OnlineSchedule | None, smallest: int, largest: int,
     for batch, _ in zip(batches(), range(steps), strict=False):
         k = fixed_k if schedule is None else schedule.step_k(batch, DEEP_PAIR_ACCEPTANCE)
         step_seconds = deep_pair_step(batch, k) * (1 + rng.uniform(-noise, noise))
+        started = CLOCK.tick(step_seconds)
         if schedule is not None and (batch, k) == previous:
-            schedule.record_step(batch, k, step_seconds)
+            schedule.record_step(batch, k, step_seconds, started)
         previous = (batch, k)
         tokens += batch * DEEP_PAIR_ACCEPTANCE(k)
         seconds += step_seconds
@@ -408,3 +434,22 @@ def test_a_probe_is_compared_with_the_gauge_at_its_own_batch_size():
     true = deep_pair_step(16, 3) / deep_pair_step(16, 5)
     # What is left: the model's ratio of batch 16 to batch 9 differs a little between K = 3 and K = 5.
     assert measured == pytest.approx(true, rel=0.03), (measured, true)
+
+
+def test_a_probe_timed_in_a_spell_of_another_speed_is_left_out():
+    """A served engine's batch-1 steps in the tail of a loaded run (requests finishing, the server
+    and client busy with them) took 1.5x its batch-1 steps at concurrency 1. A probe timed there,
+    compared with the gauge's running mean (taken mostly at concurrency 1), read K = 3 at 1.35x
+    K = 5's step time instead of 0.9x. So a probe's steps count only if the gauge's steps around
+    them ran at its usual speed; in a calm stretch the same probe counts."""
+    def run(spell: float) -> MeasuredStepTimes:
+        times, clock = MeasuredStepTimes(), SimulatedClock()
+        for seconds, k, count in ((0.020, 5, 200), (0.020 * spell, 5, 8), (0.018 * spell, 3, PROBE_STEPS - 1),
+                                  (0.020 * spell, 5, 8), (0.020, 5, 40)):
+            for _ in range(count):
+                times.observe(1, k, seconds, clock.tick(seconds))
+        return times
+
+    calm, spell = run(1.0), run(1.5)
+    assert calm.samples[(1, 3)] == PROBE_STEPS - 1 and calm.relative[(1, 3)] == pytest.approx(0.9)
+    assert (1, 3) not in spell.samples and spell.unreferenced_probe_steps == PROBE_STEPS - 1
