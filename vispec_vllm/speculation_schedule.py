@@ -429,8 +429,10 @@ class MeasuredStepTimes:
                 continue
             near = [(b, s) for t, b, s in recent if abs(t - at) <= window]
             same_batch = [s for b, s in near if b == batch]
-            around = same_batch if len(same_batch) >= LOCAL_REFERENCES else [s for _, s in near]
-            usual = self._gauge_seconds_at(bucket, batch) if around is same_batch else self.gauge_seconds[bucket]
+            if len(same_batch) >= LOCAL_REFERENCES:
+                around, usual = same_batch, self._gauge_seconds_at(bucket, batch)
+            else:
+                around, usual = [s for _, s in near], self.gauge_seconds[bucket]
             if len(around) >= LOCAL_REFERENCES and abs(sum(around) / len(around) / usual - 1) <= LOCAL_SPEED_TOLERANCE:
                 count = 0 if restart else self.samples.get((bucket, k), 0)
                 self._observe_relative(bucket, k, count, seconds / usual)
@@ -630,14 +632,14 @@ class OnlineSchedule:
             if probes.probe_steps_left == 0:
                 probes.ended_at = probes.steps
             return probes.probe_k
-        if probes.ended_at is not None and not self.times.waiting.get(bucket):
+        if probes.ended_at is not None:
+            if self.times.waiting.get(bucket):  # no new probe before the last one's verdict
+                return best
             # The last probe's steps are all compared: back off if they confirmed the choice.
             confirmed = best == probes.best_before_probe
             probes.interval = min(2 * probes.interval, MAX_PROBE_INTERVAL) if confirmed else FIRST_PROBE_INTERVAL
             probes.steps_until_probe = probes.interval - (probes.steps - probes.ended_at)
             probes.ended_at = None
-        elif probes.ended_at is not None:
-            return best
         gauge = self.times.gauge(bucket)
         if gauge is not None and probes.gauge_at_probe is not None and gauge[0] == probes.gauge_at_probe[0] \
                 and abs(gauge[1] / probes.gauge_at_probe[1] - 1) > REPROBE_DRIFT:
